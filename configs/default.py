@@ -1,0 +1,181 @@
+"""The configuration schema: every field dhmd-jax reads is declared here, once, with a comment.
+
+Dataset configs (`mosei.py`, `mosi.py`, ...) import `get_config()` and change a few fields; library
+code reads `config.x` and never `config.get("x", default)`, so a typo in an override fails loudly.
+
+Defaults follow the public DMD code for everything DHMD inherits from DMD (see
+`shared/reference/dmd-reference-code.md`, table (a)) and the DHMD paper for dictionary matching,
+which has no public code. Every place where the paper and the DMD code differ is one named field;
+the README's fidelity table lists them.
+"""
+
+import ml_collections
+
+MODALITIES = ("text", "vision", "audio")  # model order (l, v, a), as in the DMD code
+
+
+def get_config():
+  config = ml_collections.ConfigDict()
+
+  # ---------------------------------------------------------------- data
+  config.dataset = ml_collections.ConfigDict()
+  # One of mosi, mosei, sims, urfunny, mustard, synthetic. Selects the metrics and label range.
+  config.dataset.name = "synthetic"
+  # File layout: "mmsa" (aligned_50.pkl / unaligned_50.pkl / unaligned_39.pkl) or
+  # "multibench" (MulT / MultiBench pickles with `labels`).
+  config.dataset.format = "mmsa"
+  # Path of the feature pickle. Empty for the synthetic dataset (written into the workdir).
+  config.dataset.path = ""
+  # Folder for the .npy cache made on first load; empty means `<path>.cache` beside the pickle.
+  config.dataset.cache_dir = ""
+  # What to do with -inf/NaN features: "zero" replaces them by 0 (as MMSA does) and counts them;
+  # "error" refuses the file.
+  config.dataset.nonfinite = "zero"
+  # "regression" (sentiment in [-3, 3] or [-1, 1]) or "binary" (UR-FUNNY, MUStARD: labels 0/1).
+  config.dataset.task = "regression"
+  # Synthetic data (used when name == "synthetic"): the dataset whose shapes it imitates
+  # ("mosi", "mosei", "sims"), aligned or not, the layout, split sizes and the generator seed.
+  config.dataset.synthetic = ml_collections.ConfigDict()
+  config.dataset.synthetic.like = "mosei"
+  config.dataset.synthetic.aligned = True
+  config.dataset.synthetic.layout = "mmsa"
+  config.dataset.synthetic.num_train = 1024
+  config.dataset.synthetic.num_valid = 256
+  config.dataset.synthetic.num_test = 256
+  config.dataset.synthetic.seed = 0
+
+  # ---------------------------------------------------------------- model
+  config.model = ml_collections.ConfigDict()
+  # "dhmd" (decoupling + both branches) or "mult" (the MulT baseline of Table 8: cross-modal
+  # transformers on the projected features, no decoupling, no homogeneous branch).
+  config.model.arch = "dhmd"
+  # Component switches of Table 6: feature decoupling, cross-modal attention, graph
+  # distillation (both GD-Units), dictionary matching (HoDM and HeDM).
+  config.model.use_fd = True
+  config.model.use_ca = True
+  config.model.use_gd = True
+  config.model.use_dm = True
+  # Common feature width d and attention heads (paper Table 1 "hidden dimension for a CA unit").
+  config.model.d_model = 30
+  config.model.num_heads = 6
+  # Layers of every transformer (nlevels); memory transformers use max(num_layers, 3).
+  config.model.num_layers = 4
+  # Temporal Conv1d kernel per modality (valid padding). MOSEI: DMD code a=1, paper Table 1 a=3.
+  config.model.conv_kernel = ml_collections.ConfigDict(dict(text=5, vision=3, audio=1))
+  # Dropout rates, as in the DMD config (MOSEI values here).
+  config.model.text_dropout = 0.3  # on the text input features
+  config.model.embed_dropout = 0.0  # transformer input
+  config.model.attn_dropout = 0.4  # blocks whose source is text, self-attention on c, memory
+  config.model.attn_dropout_a = 0.0  # blocks whose source is audio
+  config.model.attn_dropout_v = 0.0  # blocks whose source is vision
+  config.model.relu_dropout = 0.0
+  config.model.res_dropout = 0.0
+  config.model.output_dropout = 0.5  # every residual MLP head
+  # Causal ("future") mask with the |Tk - Tq| offset in all transformers (DMD code: on).
+  config.model.causal_mask = True
+  # Mask zero-padded frames of unaligned data as attention keys (not in the DMD code; opt-in).
+  config.model.key_padding_mask = False
+  # DMD code: an extra self-attention transformer over the shared features c_m whose last step
+  # feeds the fused head logits_c and the fusion. The paper does not describe it.
+  config.model.homo_self_attention = True
+  # Fusion: "code" = [sigmoid(W h_l), sigmoid(W h_v), sigmoid(W h_a), sigmoid(W c)] (+ the DM
+  # reconstructions when DM is on) -> residual MLP; "paper" = plain concatenation of the
+  # GD-reinforced and DM-reconstructed features -> residual MLP.
+  config.model.fusion = "code"
+
+  # ---------------------------------------------------------------- graph distillation (GD-Unit)
+  config.gd = ml_collections.ConfigDict()
+  # Hidden size g of the edge encoder. DMD code: homo 64, hetero 32; paper: 32 for both.
+  config.gd.homo_hidden = 64
+  config.gd.hetero_hidden = 32
+  # Edge encoder input. "embedded" (code): z = [W_logit logit, W_repr repr], e = Linear(4g->1);
+  # "raw" (paper Eq. 8): e = FC([logit_i, X_i, logit_j, X_j]).
+  config.gd.edge_input = "embedded"
+  # Edge weights w = softmax(e / temperature) jointly over the six directed edges, per sample.
+  config.gd.temperature = 8.0
+  # Prior over edges: "code" (softmax([0,0,1,0,1,0]/.25) homo, softmax([0,0,1,0,1,1]/.25)
+  # hetero), "uniform", or "none" (paper). Added to w in the distillation loss when not "none".
+  config.gd.prior = "code"
+  # Weight of the pull of the batch-mean edge weights towards the prior (code 10; paper 0).
+  config.gd.reg_weight = 10.0
+  # Weight of the representation term (code 10). The hetero term is the code's cosine push-apart
+  # max(0, cos(r_j, sg r_i)); the homo L1 term is computed by the code but not added.
+  config.gd.repr_weight = 10.0
+  config.gd.hetero_repr_loss = True
+  config.gd.homo_repr_loss = False
+
+  # ---------------------------------------------------------------- dictionary matching (DHMD)
+  config.dm = ml_collections.ConfigDict()
+  # Dictionary elements K per feature space (paper Table 1).
+  config.dm.num_elements = 512
+  # Scale of A = Z D^T before max-pooling: "none" (paper) or "sqrt_dim" (FDT's 1/sqrt(C)).
+  config.dm.score_scale = "none"
+  # Stop gradients from the DM branch into its input features (the svliy/mmsa experiment does).
+  config.dm.detach_input = False
+  # Margin of L_ctr (Eq. 13).
+  config.dm.margin = 0.1
+
+  # ---------------------------------------------------------------- losses
+  config.loss = ml_collections.ConfigDict()
+  # Task loss: "sum8" (code: L1 of the final output + 3 homo + 3 hetero + logits_c) or "final"
+  # (paper: MAE of the final prediction). Binary tasks use cross-entropy in the same places.
+  config.loss.task = "sum8"
+  # L_rec / L_cyc reduction: "mean" (code: elementwise MSE) or "frobenius" (paper Eq. 2-3:
+  # squared Frobenius norm per sample, averaged over the batch).
+  config.loss.recon_reduction = "mean"
+  # L_ort: "torch19_batch_axis" (code under PyTorch 1.9: max(0, cos) taken across the batch for
+  # each (t, channel)) or "per_vector" (paper Eq. 5: cos of each (sample, t) feature vector).
+  config.loss.ort_mode = "torch19_batch_axis"
+  # L_mar: "code" (adaptive margin scale*|y_i - y_k|, positives = identical label of any
+  # modality, negatives = different label) or "paper" (Eq. 4: fixed margin, positives = same
+  # class and other modality, negatives = same modality and other class).
+  config.loss.margin_mode = "code"
+  config.loss.margin = 0.1  # alpha in Eq. 4 (paper mode)
+  config.loss.adaptive_margin_scale = 0.15  # code mode
+  # Classes for the paper-mode triplets and L_ctr: "round7" (round(clip(y,-3,3))), "sign"
+  # (y > 0), or "exact" (identical float labels). Binary tasks use the label itself.
+  config.loss.triplet_classes = "round7"
+  # Eq. 14 weights: lambda1 (L_dec), lambda2 (L_dtl), lambda3 (L_dic), gamma inside L_dec.
+  config.loss.lambda_dec = 0.1
+  config.loss.lambda_dtl = 0.05
+  config.loss.lambda_dic = 0.1
+  config.loss.gamma = 0.1
+
+  # ---------------------------------------------------------------- training
+  config.train = ml_collections.ConfigDict()
+  # Seeds trained together in one program with jax.vmap (MMSA convention 1111-1115).
+  config.train.seeds = (1111, 1112, 1113, 1114, 1115)
+  config.train.batch_size = 16
+  config.train.learning_rate = 1e-4
+  # Gradient accumulation: micro-batches summed per Adam step (code 10), with the running sum
+  # clipped to +-grad_clip_value after every micro-batch (code 0.6; <= 0 disables clipping).
+  config.train.update_epochs = 10
+  config.train.grad_clip_value = 0.6
+  # How the micro-batch gradients of one step are computed: "vmap" (all at once, faster) or
+  # "scan" (one after another, less memory). Both give the same update.
+  config.train.accumulate = "vmap"
+  # ReduceLROnPlateau on the validation MAE (PyTorch semantics, mode min, rel threshold 1e-4).
+  config.train.plateau_factor = 0.5
+  config.train.plateau_patience = 5
+  # Stop a seed after this many epochs without a better validation MAE.
+  config.train.early_stop = 10
+  # Cap on epochs (paper: 30; the DMD code has no cap).
+  config.train.num_epochs = 30
+  # Optimizer steps per compiled chunk (one jitted lax.scan); the progress bar updates between
+  # chunks. 0 runs the whole epoch as one chunk.
+  config.train.steps_per_chunk = 0
+  # Evaluation batch size (padded; padding never reaches the metrics).
+  config.train.eval_batch_size = 256
+  # Evaluate the test split every epoch too (as the reference does; never used for selection).
+  config.train.eval_test_every_epoch = True
+  # Keep the training arrays on the accelerator when they fit in this many bytes.
+  config.train.device_data_limit_bytes = 8 * 2**30
+
+  # ---------------------------------------------------------------- logging
+  config.log = ml_collections.ConfigDict()
+  config.log.tensorboard = True
+  config.log.progress_bar = True
+  # Minimum seconds between progress-bar redraws.
+  config.log.progress_interval_s = 2.0
+
+  return config

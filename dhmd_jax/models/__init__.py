@@ -1,0 +1,1 @@
+"""Flax modules of DHMD: decoupling, MulT transformers, GD-Units, dictionary matching."""
