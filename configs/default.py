@@ -31,6 +31,9 @@ def get_config():
   # What to do with -inf/NaN features: "zero" replaces them by 0 (as MMSA does) and counts them;
   # "error" refuses the file.
   config.dataset.nonfinite = "zero"
+  # Rebuild the .npy cache when it no longer matches its pickle (otherwise such a cache stops
+  # the run with a message).
+  config.dataset.rebuild_cache = False
   # "regression" (sentiment in [-3, 3] or [-1, 1]) or "binary" (UR-FUNNY, MUStARD: labels 0/1).
   config.dataset.task = "regression"
   # Synthetic data (used when name == "synthetic"): the dataset whose shapes it imitates
@@ -82,6 +85,10 @@ def get_config():
   # reconstructions when DM is on) -> residual MLP; "paper" = plain concatenation of the
   # GD-reinforced and DM-reconstructed features -> residual MLP.
   config.model.fusion = "code"
+  # The DMD code builds proj_cosine_{l,v,a} (flatten-Linear T'd -> d on the private features)
+  # whose outputs no loss uses. Off: not built (identical training, fewer parameters); on: built
+  # so the parameter count equals the reference's exactly.
+  config.model.unused_reference_layers = False
 
   # ---------------------------------------------------------------- graph distillation (GD-Unit)
   config.gd = ml_collections.ConfigDict()

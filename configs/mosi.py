@@ -1,0 +1,28 @@
+"""CMU-MOSI (MMSA pickles). `--config=configs/mosi.py` (aligned) or `configs/mosi.py:unaligned`.
+
+Values from the DMD code's config (reference table (a)), equal to the paper's Table 1 column [1].
+"""
+
+from configs import default as default_lib
+
+
+def get_config(variant="aligned"):
+  if variant not in ("aligned", "unaligned"):
+    raise ValueError(f"configs/mosi.py: variant must be 'aligned' or 'unaligned', got {variant!r}")
+  config = default_lib.get_config()
+  config.dataset.name = "mosi"
+  config.dataset.format = "mmsa"
+  config.dataset.path = f"data/MOSI/Processed/{variant}_50.pkl"
+  config.model.d_model = 50  # Table 1 [1]: 50
+  config.model.num_heads = 10  # Table 1 [1]: 10
+  config.model.num_layers = 4  # Table 1 [1]: 4
+  config.model.conv_kernel.text = 5  # Table 1 [1]: 5,5,5
+  config.model.conv_kernel.vision = 5
+  config.model.conv_kernel.audio = 5
+  config.model.text_dropout = 0.5
+  config.model.embed_dropout = 0.2
+  config.model.attn_dropout = 0.3
+  config.model.attn_dropout_a = 0.2
+  config.model.attn_dropout_v = 0.0
+  config.model.output_dropout = 0.5
+  return config

@@ -1,0 +1,22 @@
+"""The embedded default: synthetic data shaped like CMU-MOSEI (aligned, 768-d text, 74-d audio,
+35-d vision, 50 steps), with the MOSEI model and the reference protocol, sized to finish in
+minutes on a 2-core CPU. `python -m dhmd_jax.main` runs it; no file is needed (the generator
+writes one into the workdir).
+"""
+
+from configs import mosei
+
+
+def get_config():
+  config = mosei.get_config("aligned")
+  config.dataset.name = "synthetic"
+  config.dataset.path = ""
+  config.dataset.synthetic.like = "mosei"
+  config.dataset.synthetic.aligned = True
+  config.dataset.synthetic.layout = "mmsa"
+  config.dataset.synthetic.num_train = 1600
+  config.dataset.synthetic.num_valid = 320
+  config.dataset.synthetic.num_test = 320
+  config.train.num_epochs = 10
+  config.train.update_epochs = 2
+  return config

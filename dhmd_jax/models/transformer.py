@@ -1,0 +1,216 @@
+"""MulT / fairseq-style transformer encoder: self-attention and cross-modal attention (Eq. 10).
+
+This is the block that DMD (and so DHMD) takes from MulT: twelve of them in the full model (three
+self-attention transformers on the shared features c_m, six cross-modal transformers L<-A, L<-V,
+A<-L, A<-V, V<-L, V<-A on the private features s_m, and three "memory" self-attention transformers
+of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of the DMD code:
+
+* Input embedding: x <- sqrt(E) * x + PE(x), then dropout(embed_dropout). PE is the tensor2tensor
+  sinusoid with [sin | cos] halves, positions t + 1, and a zero PE for every token whose FIRST
+  feature channel is exactly 0 (fairseq's `padding_idx=0` rule). In a cross-modal block the source
+  is embedded the same way twice, as key and as value, with separate dropout masks.
+* Pre-LN layers. The same LayerNorm (`layer_norm_0`) normalises query, key and value. Attention
+  has one packed input projection (PyTorch `in_proj_weight` (3E, E) + `in_proj_bias` (3E,), here
+  stored transposed as `in_proj_kernel` (E, 3E)), xavier-uniform with zero bias; q is scaled by
+  head_dim^-1/2; attention dropout acts on the softmax weights. FFN: LN -> Linear(E, 4E) -> ReLU
+  -> dropout(relu) -> Linear(4E, E) -> dropout(res) -> + residual. A final LayerNorm follows.
+* Causal ("future") mask: query i sees keys j <= i + |T_k - T_q| (`buffered_future_mask`).
+* Key-padding mask (not in the DMD code, opt-in): keys whose frame mask is False get no weight; a
+  query row with no visible key gets all-zero weights (so its attention output is out_proj's
+  bias), never NaN.
+
+LayerNorms use PyTorch's epsilon 1e-5. Arrays are batch-major (B, T, E) here; the reference is
+time-major (T, B, E), which changes nothing in the maths.
+"""
+
+import math
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
+_XAVIER = nn.initializers.xavier_uniform()
+
+
+def sinusoidal_table(num_positions: int, dim: int) -> jax.Array:
+  """Rows p = 0 .. num_positions-1 of the tensor2tensor sinusoid, [sin | cos] halves.
+
+  freq_i = exp(-i * ln(10000) / (half - 1)) for i < half = dim // 2; an odd `dim` gets a zero last
+  column. Row 0 is NOT zeroed here (the padding rule is applied by `positional_embedding`).
+  """
+  half = dim // 2
+  if half < 2:
+    raise ValueError(
+        f"sinusoidal positional embedding needs an embedding width >= 4, got {dim}: the "
+        "frequency step ln(10000)/(half-1) is undefined for half < 2. Use a larger d_model.")
+  step = math.log(10000.0) / (half - 1)
+  freqs = jnp.exp(jnp.arange(half, dtype=jnp.float32) * -step)  # (half,)
+  angles = jnp.arange(num_positions, dtype=jnp.float32)[:, None] * freqs[None, :]  # (P, half)
+  table = jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=1)  # (P, 2*half)
+  if dim % 2 == 1:
+    table = jnp.pad(table, ((0, 0), (0, 1)))
+  return table  # (P, dim)
+
+
+def positional_embedding(x: jax.Array) -> jax.Array:
+  """Fairseq `SinusoidalPositionalEmbedding(dim, padding_idx=0)` applied to x's first channel.
+
+  Token t gets the table row t + 1; a token whose first channel is exactly 0 counts as padding and
+  gets a zero vector.
+
+  Args:
+    x: (B, T, C) the un-scaled transformer input.
+
+  Returns:
+    (B, T, C) positional embedding (no gradient flows through it; it depends on x only through the
+    padding test).
+  """
+  _, t, c = x.shape
+  table = sinusoidal_table(t + 1, c)[1:]  # (T, C): positions 1..T
+  is_pad = x[..., 0] == 0  # (B, T)
+  return jnp.where(is_pad[..., None], 0.0, table[None, :, :])  # (B, T, C)
+
+
+def future_mask(t_q: int, t_k: int) -> jax.Array:
+  """Causal mask of `buffered_future_mask`: True where query i may see key j <= i + |T_k - T_q|."""
+  i = jnp.arange(t_q)[:, None]
+  j = jnp.arange(t_k)[None, :]
+  return j <= i + abs(t_k - t_q)  # (T_q, T_k) bool
+
+
+class MultiheadAttention(nn.Module):
+  """Fairseq multi-head attention with a packed (q, k, v) input projection.
+
+  Attributes:
+    num_heads: number of heads h; head_dim = E / h.
+    attn_dropout: dropout rate on the attention weights.
+  """
+  num_heads: int
+  attn_dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, query, key, value, mask: Optional[jax.Array], *, deterministic: bool):
+    """query (B, T_q, E); key, value (B, T_k, E); mask broadcastable to (B, T_q, T_k), True = see."""
+    b, t_q, e = query.shape
+    t_k = key.shape[1]
+    if e % self.num_heads:
+      raise ValueError(f"embedding width {e} is not divisible by num_heads={self.num_heads}")
+    head_dim = e // self.num_heads
+    w = self.param("in_proj_kernel", _XAVIER, (e, 3 * e))  # torch in_proj_weight.T
+    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
+    q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
+    k = key @ w[:, e:2 * e] + bias[e:2 * e]  # (B, T_k, E)
+    v = value @ w[:, 2 * e:] + bias[2 * e:]  # (B, T_k, E)
+    q = q * head_dim**-0.5
+    q = q.reshape(b, t_q, self.num_heads, head_dim)
+    k = k.reshape(b, t_k, self.num_heads, head_dim)
+    v = v.reshape(b, t_k, self.num_heads, head_dim)
+    scores = jnp.einsum("bqhc,bkhc->bhqk", q, k)  # (B, h, T_q, T_k); Eq. 10 Q K^T / sqrt(d)
+    if mask is not None:
+      mask = jnp.broadcast_to(mask, (b, t_q, t_k))[:, None]  # (B, 1, T_q, T_k)
+      scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+    weights = jax.nn.softmax(scores, axis=-1)  # (B, h, T_q, T_k)
+    if mask is not None:
+      # A row with no visible key: zero weights instead of a uniform average over masked keys.
+      weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+    weights = nn.Dropout(self.attn_dropout)(weights, deterministic=deterministic)
+    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, t_q, e)  # (B, T_q, E)
+    return nn.Dense(e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
+                    name="out_proj")(out)
+
+
+class TransformerEncoderLayer(nn.Module):
+  """One pre-LN layer: (cross-)attention + FFN, each with a residual connection."""
+  num_heads: int
+  attn_dropout: float = 0.0
+  relu_dropout: float = 0.0
+  res_dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, x, x_k=None, x_v=None, mask=None, *, deterministic: bool):
+    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention."""
+    e = x.shape[-1]
+    norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
+    residual = x
+    x = norm_0(x)
+    if x_k is None:
+      k = v = x
+    else:
+      k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
+    x = MultiheadAttention(self.num_heads, self.attn_dropout, name="self_attn")(
+        x, k, v, mask, deterministic=deterministic)
+    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
+    x = residual + x
+
+    residual = x
+    x = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_1")(x)
+    x = nn.Dense(4 * e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name="fc1")(x)
+    x = nn.relu(x)  # (B, T_q, 4E)
+    x = nn.Dropout(self.relu_dropout)(x, deterministic=deterministic)
+    x = nn.Dense(e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name="fc2")(x)
+    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
+    return residual + x  # (B, T_q, E)
+
+
+class TransformerEncoder(nn.Module):
+  """MulT `TransformerEncoder`: self-attention if `source` is None, else cross-modal attention.
+
+  Attributes:
+    num_heads: attention heads.
+    num_layers: number of layers.
+    attn_dropout: dropout on attention weights (chosen by the caller from the SOURCE modality).
+    relu_dropout, res_dropout, embed_dropout: the other dropout rates.
+    causal_mask: apply the future mask with the |T_k - T_q| offset.
+  """
+  num_heads: int
+  num_layers: int
+  attn_dropout: float = 0.0
+  relu_dropout: float = 0.0
+  res_dropout: float = 0.0
+  embed_dropout: float = 0.0
+  causal_mask: bool = True
+
+  @nn.compact
+  def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
+    """Encodes a sequence.
+
+    Args:
+      x: (B, T_q, E) the query sequence (the target modality in a cross-modal block).
+      source: (B, T_k, E) the key/value sequence of a cross-modal block, or None.
+      key_mask: optional (B, T_k) bool frame mask of the keys (x's own mask for self-attention);
+        None means every key is visible (the DMD code).
+      deterministic: disables dropout.
+
+    Returns:
+      (B, T_q, E) the encoded query sequence (after the final LayerNorm).
+    """
+    e = x.shape[-1]
+    scale = math.sqrt(e)
+    embed_dropout = nn.Dropout(self.embed_dropout)
+    h = scale * x + positional_embedding(x)  # (B, T_q, E)
+    h = embed_dropout(h, deterministic=deterministic)
+    if source is not None:
+      if source.shape[-1] != e:
+        raise ValueError(f"cross-modal source width {source.shape[-1]} != query width {e}")
+      src = scale * source + positional_embedding(source)  # (B, T_k, E)
+      h_k = embed_dropout(src, deterministic=deterministic)  # separate masks for k and v
+      h_v = embed_dropout(src, deterministic=deterministic)
+      t_k = source.shape[1]
+    else:
+      h_k = h_v = None
+      t_k = x.shape[1]
+
+    mask = None
+    if self.causal_mask:
+      mask = future_mask(x.shape[1], t_k)[None]  # (1, T_q, T_k)
+    if key_mask is not None:
+      padding = key_mask.astype(bool)[:, None, :]  # (B, 1, T_k)
+      mask = padding if mask is None else jnp.logical_and(mask, padding)
+
+    for i in range(self.num_layers):
+      h = TransformerEncoderLayer(
+          self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
+          name=f"layers_{i}")(h, h_k, h_v, mask, deterministic=deterministic)
+    return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)

@@ -1,0 +1,217 @@
+"""What a run writes for people: config.json, metrics.jsonl, TensorBoard events, the progress
+bar, the one-line epoch summary, and the final report (results.json and results.md).
+
+TensorBoard files come from tensorboardX, a light writer with no TensorFlow dependency.
+"""
+
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+
+# Metrics shown in the epoch line and the report, per task, in this order.
+HEADLINE = {
+    "regression": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5",
+                   "Mult_acc_7", "MAE", "Corr"),
+    "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
+    "binary": ("Accuracy", "Precision", "Recall", "F1_score", "Precision_pos", "Recall_pos",
+               "F1_pos"),
+}
+
+
+def metric_family(dataset_name, task):
+  if task == "binary":
+    return "binary"
+  return "sims" if dataset_name == "sims" else "regression"
+
+
+def _jsonable(value):
+  if isinstance(value, dict):
+    return {str(k): _jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_jsonable(v) for v in value]
+  if isinstance(value, np.ndarray):
+    return _jsonable(value.tolist())
+  if isinstance(value, (np.floating, float)):
+    value = float(value)
+    return value if math.isfinite(value) else None  # strict JSON: NaN -> null
+  if isinstance(value, np.integer):
+    return int(value)
+  if isinstance(value, np.bool_):
+    return bool(value)
+  return value
+
+
+def write_json(path, data):
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class MetricsLog:
+  """metrics.jsonl: one JSON object per epoch. On resume, records after the resumed epoch
+  (written by the interrupted run after its last checkpoint) are dropped."""
+
+  def __init__(self, path, *, resume_epoch=0):
+    self.path = path
+    kept = []
+    if os.path.exists(path):
+      with open(path) as f:
+        for line in f:
+          line = line.strip()
+          if not line:
+            continue
+          try:
+            record = json.loads(line)
+          except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+          if record.get("epoch", 0) <= resume_epoch:
+            kept.append(line)
+    with open(path, "w") as f:
+      f.writelines(line + "\n" for line in kept)
+
+  def write(self, record):
+    with open(self.path, "a") as f:
+      f.write(json.dumps(_jsonable(record)) + "\n")
+
+  def read(self):
+    with open(self.path) as f:
+      return [json.loads(line) for line in f if line.strip()]
+
+
+class TensorBoard:
+  """One event-file folder per seed under workdir/tensorboard/seed_<seed>."""
+
+  def __init__(self, workdir, seeds, enabled):
+    self._writers = {}
+    if not enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    for seed in seeds:
+      self._writers[seed] = SummaryWriter(os.path.join(workdir, "tensorboard", f"seed_{seed}"))
+
+  def write(self, epoch, per_seed_scalars):
+    """per_seed_scalars: {seed: {tag: value}}."""
+    for seed, scalars in per_seed_scalars.items():
+      writer = self._writers.get(seed)
+      if writer is None:
+        continue
+      for tag, value in scalars.items():
+        if value is not None and math.isfinite(float(value)):
+          writer.add_scalar(tag, float(value), epoch)
+      writer.flush()
+
+  def close(self):
+    for writer in self._writers.values():
+      writer.close()
+
+
+def _format_seconds(seconds):
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressBar:
+  """A one-line progress bar with rate and ETA on stderr, redrawn at most every `interval` s."""
+
+  def __init__(self, total_steps, *, enabled, interval, width=28, stream=None):
+    self.total = max(int(total_steps), 1)
+    self.enabled = enabled
+    self.interval = interval
+    self.width = width
+    self.stream = stream or sys.stderr
+    self.start = time.time()
+    self.done = 0
+    self._last_draw = 0.0
+    self._on_line = False  # a partial bar is on the terminal line
+    self.label = ""
+
+  def update(self, done, label=""):
+    self.done = done
+    self.label = label
+    now = time.time()
+    if self.enabled and (now - self._last_draw >= self.interval or done >= self.total):
+      self._last_draw = now
+      self.stream.write("\r" + self.render(now) + "\033[K")
+      self.stream.flush()
+      self._on_line = True
+
+  def render(self, now=None):
+    now = time.time() if now is None else now
+    elapsed = now - self.start
+    frac = min(self.done / self.total, 1.0)
+    filled = int(round(frac * self.width))
+    rate = self.done / elapsed if elapsed > 0 else 0.0
+    eta = (self.total - self.done) / rate if rate > 0 else float("nan")
+    eta_text = _format_seconds(eta) if math.isfinite(eta) else "?"
+    return (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
+            f"{self.done}/{self.total} steps {rate:.2f} steps/s "
+            f"elapsed {_format_seconds(elapsed)} ETA {eta_text}")
+
+  def end_line(self):
+    """Ends the bar's line so that other output starts on a fresh one."""
+    if self._on_line:
+      self.stream.write("\n")
+      self.stream.flush()
+      self._on_line = False
+
+
+def summarize_seeds(per_seed):
+  """{metric: [value per seed]} -> {metric: {"mean", "std"}} (population std, as numpy)."""
+  out = {}
+  for name, values in per_seed.items():
+    arr = np.asarray([np.nan if v is None else v for v in values], np.float64)
+    out[name] = {"mean": float(np.mean(arr)), "std": float(np.std(arr))}
+  return out
+
+
+def markdown_report(results):
+  """The Markdown table of the final report: one row per seed, then mean ± std."""
+  family = results["metric_family"]
+  names = [m for m in HEADLINE[family] if m in results["test"]]
+  lines = [f"# {results['dataset']} — test metrics of the model selected on validation", "",
+           f"Selection: lowest validation {results['selection_metric']} per seed "
+           "(never the test split).", ""]
+  if family == "regression":
+    lines.append("Has0 = negative vs non-negative over all samples; Non0 = negative vs "
+                 "positive over samples with a non-zero label (what DMD reports as Acc-2/F1).")
+    lines.append("")
+  header = "| seed | best epoch | " + " | ".join(names) + " |"
+  lines += [header, "|" + "---|" * (len(names) + 2)]
+  for i, seed in enumerate(results["seeds"]):
+    cells = [_cell(results["test"][m][i], m) for m in names]
+    lines.append(f"| {seed} | {results['best_epoch'][i]} | " + " | ".join(cells) + " |")
+  summary = results["test_summary"]
+  cells = [f"{_cell(summary[m]['mean'], m)} ± {_cell(summary[m]['std'], m)}" for m in names]
+  lines.append("| mean ± std | | " + " | ".join(cells) + " |")
+  lines.append("")
+  lines.append(f"Accuracies and F1 in %, MAE and Corr raw. Wall time {results['wall_time_s']:.1f} s.")
+  return "\n".join(lines) + "\n"
+
+
+def _cell(value, name):
+  if value is None or not math.isfinite(float(value)):
+    return "nan"
+  if name in ("MAE", "Corr"):
+    return f"{float(value):.4f}"
+  return f"{100.0 * float(value):.2f}"
+
+
+def epoch_line(epoch, num_epochs, *, train_loss, valid, test, lr, active, family, seconds):
+  """The one-line summary of an epoch (means over seeds)."""
+  key = {"regression": ("MAE", "Non0_acc_2"), "sims": ("MAE", "Mult_acc_2"),
+         "binary": ("Accuracy", "F1_score")}[family]
+  parts = [f"epoch {epoch}/{num_epochs}", f"loss {np.nanmean(train_loss):.4f}"]
+  for name in key:
+    parts.append(f"valid {name} {np.nanmean(valid[name]):.4f}")
+  if test:
+    parts.append(f"test {key[0]} {np.nanmean(test[key[0]]):.4f}")
+  parts.append(f"lr {np.mean(lr):.2e}")
+  parts.append(f"active {int(np.sum(active))}/{len(active)}")
+  parts.append(f"{seconds:.1f}s")
+  return " | ".join(parts)

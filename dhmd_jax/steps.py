@@ -1,0 +1,177 @@
+"""The compiled pieces of training: the train step, chunks of steps, and batched prediction.
+
+`train_step(state, batch, key) -> (state, metrics)` is a pure function of one seed's state, one
+optimizer step's micro-batches (leading axis `update_epochs`) and an RNG key. Around it:
+
+- `run_chunk` scans `train_step` over several steps, gathering each step's micro-batches from
+  training arrays that stay on the device (no host synchronisation per step), and is
+  `jax.vmap`-ed over seeds: every seed has its own parameters, optimizer state, learning rate,
+  data order and dropout keys, and a seed that early-stopped simply keeps its state.
+- `predict` runs the deterministic model over a padded split, for every seed at once.
+
+Gradient accumulation follows the reference exactly (reference doc, section 5): the running sum
+of micro-batch gradients is clipped to +-clip after *every* micro-batch, G <- clip(G + g_k), and
+Adam steps once per group.
+"""
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dhmd_jax import objective
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array  # optimizer steps taken, int32 ()
+  params: Any
+  opt_state: Any
+
+
+def make_optimizer(config):
+  """Adam on all parameters, no weight decay (the DMD code never passes its weight_decay)."""
+  return optax.inject_hyperparams(optax.adam)(learning_rate=config.train.learning_rate)
+
+
+def set_learning_rate(state, lr):
+  """Returns `state` with Adam's learning rate replaced (per seed when `state` is stacked)."""
+  hyper = dict(state.opt_state.hyperparams)
+  hyper["learning_rate"] = jnp.asarray(lr, hyper["learning_rate"].dtype).reshape(
+      hyper["learning_rate"].shape)
+  return state.replace(opt_state=state.opt_state._replace(hyperparams=hyper))
+
+
+def init_state(config, model, sample_batch, key):
+  """One seed's TrainState (vmap over keys for several seeds)."""
+  init_key, dropout_key = jax.random.split(key)
+  params = model.init({"params": init_key, "dropout": dropout_key}, sample_batch,
+                      deterministic=False)["params"]
+  opt_state = make_optimizer(config).init(params)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
+
+
+def make_train_step(config, model):
+  """Builds `train_step(state, batch, key) -> (state, metrics)` for one seed."""
+  tx = make_optimizer(config)
+  clip = config.train.grad_clip_value
+  accumulate_mode = config.train.accumulate
+  if accumulate_mode not in ("vmap", "scan"):
+    raise ValueError(f"config.train.accumulate must be 'vmap' or 'scan', got {accumulate_mode!r}")
+
+  def loss_fn(params, micro, key):
+    outputs = model.apply({"params": params}, micro, deterministic=False,
+                          rngs={"dropout": key})
+    total, terms = objective.compute_objective(config, outputs, micro["label"])
+    terms = dict(terms, **{f"edge/{k}": v for k, v in objective.edge_summary(outputs).items()})
+    return total, terms
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def add_and_clip(acc, grad):
+    acc = jax.tree.map(jnp.add, acc, grad)
+    if clip > 0:
+      acc = jax.tree.map(lambda a: jnp.clip(a, -clip, clip), acc)
+    return acc
+
+  def train_step(state, batch, key):
+    """batch: dict of (U, B, ...) arrays, U = update_epochs micro-batches."""
+    num_micro = batch["label"].shape[0]
+    keys = jax.random.split(key, num_micro)
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    if accumulate_mode == "vmap":
+      # All micro-batch gradients at once (same parameters, as in the reference), then the
+      # sequential clipped accumulation, which is cheap.
+      (_, terms), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(state.params, batch, keys)
+      grad_sum, _ = jax.lax.scan(lambda acc, g: (add_and_clip(acc, g), None), zeros, grads)
+    else:
+      def body(acc, xs):
+        micro, k = xs
+        (_, t), g = grad_fn(state.params, micro, k)
+        return add_and_clip(acc, g), t
+      grad_sum, terms = jax.lax.scan(body, zeros, (batch, keys))
+    updates, opt_state = tx.update(grad_sum, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = jax.tree.map(lambda t: jnp.mean(t, axis=0), terms)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def gather(data, index):
+  """Rows `index` (any shape) of every array in `data`: (N, ...) -> (*index.shape, ...)."""
+  return jax.tree.map(lambda a: jnp.take(a, index, axis=0), data)
+
+
+def make_run_chunk(train_step):
+  """Jitted: scan `train_step` over K steps for all seeds at once.
+
+  Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
+    states: stacked TrainState (leading axis S); donated.
+    active: (S,) bool, False for seeds that early-stopped.
+    data: dict of training arrays (N, ...), shared by the seeds.
+    index: (S, K, U, B) int32 rows of `data` for every micro-batch.
+    valid: (K,) bool, False for padding steps past the end of the epoch.
+    dropout_keys: (S,) keys; step t of a seed uses fold_in(key, t), so resuming is exact.
+  Returns (states, metrics) with metrics leaves of shape (S, K).
+  """
+
+  def run_one_seed(state, active, data, index, valid, dropout_key):
+    def body(state, xs):
+      step_index, ok = xs
+      key = jax.random.fold_in(dropout_key, state.step)
+      new_state, metrics = train_step(state, gather(data, step_index), key)
+      keep = jnp.logical_and(ok, active)
+      new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
+      return new_state, metrics
+    return jax.lax.scan(body, state, (index, valid))
+
+  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0)), donate_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "batch_size", "num_steps",
+                                             "micro_per_step"))
+def epoch_index(order_keys, epoch, *, num_samples, batch_size, num_steps, micro_per_step):
+  """(S, num_steps, U, B) sample indices of one epoch: a fresh permutation per seed and epoch.
+
+  Leftover samples (fewer than one step's worth) are skipped this epoch, like the reference's
+  leftover micro-batches; each epoch reshuffles, so no sample is left out for good.
+  """
+  used = num_steps * micro_per_step * batch_size
+
+  def one(key):
+    perm = jax.random.permutation(jax.random.fold_in(key, epoch), num_samples)
+    return perm[:used].reshape(num_steps, micro_per_step, batch_size).astype(jnp.int32)
+
+  return jax.vmap(one)(order_keys)
+
+
+def make_predict(model, *, batch_size):
+  """Jitted `predict(stacked_params, data) -> (S, N, O)` predictions, deterministic."""
+
+  def predict_one(params, data):
+    num = data["label"].shape[0]
+    num_batches = -(-num // batch_size)
+    index = jnp.arange(num_batches * batch_size) % num  # padding repeats real rows
+    index = index.reshape(num_batches, batch_size)
+
+    def body(_, rows):
+      out = model.apply({"params": params}, gather(data, rows), deterministic=True)
+      return None, out["prediction"]
+
+    _, preds = jax.lax.scan(body, None, index)
+    return preds.reshape(num_batches * batch_size, -1)[:num]
+
+  return jax.jit(jax.vmap(predict_one, in_axes=(0, None)))
+
+
+@jax.jit
+def select_best(best_params, params, improved):
+  """Per seed: keep `params` where `improved` (S,) else the old best."""
+  def pick(b, p):
+    mask = improved.reshape((-1,) + (1,) * (p.ndim - 1))
+    return jnp.where(mask, p, b)
+  return jax.tree.map(pick, best_params, params)
