@@ -135,21 +135,23 @@ def reconstruction_loss(*, predictions, targets, reduction="mean"):
   return total
 
 
-def cycle_loss(*, private, reencoded, reduction="mean"):
+def cycle_loss(*, predictions, targets, reduction="mean"):
   """Cycle (self-regression) loss L_cyc (Eq. 3), summed over modalities.
 
   L_cyc = sum_m || X_m^prt - E_m^prt(D_m([X_m^com, X_m^prt])) ||; DMD code:
-  `MSE(s_m, s_r_m)`, with neither side detached. Same reductions as `reconstruction_loss`.
+  `MSE(s_m, s_r_m)`, with neither side detached. A thin alias of `reconstruction_loss` (same
+  reductions), named for Eq. 3.
 
   Args:
-    private: sequence of per-modality (B, T_m, C) private features X_m^prt.
-    reencoded: sequence of the re-encoded private features, same shapes.
+    predictions: sequence of per-modality (B, T_m, C) re-encoded private features
+      E_m^prt(D_m([X_m^com, X_m^prt])).
+    targets: sequence of the private features X_m^prt, same shapes.
     reduction: "mean" (code) or "frobenius" (paper).
 
   Returns:
     Scalar.
   """
-  return reconstruction_loss(predictions=reencoded, targets=private, reduction=reduction)
+  return reconstruction_loss(predictions=predictions, targets=targets, reduction=reduction)
 
 
 def orthogonality_loss(*, shared, private, mode="torch19_batch_axis"):

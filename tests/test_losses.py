@@ -130,7 +130,7 @@ def test_reconstruction_and_cycle_match_loops():
   np.testing.assert_allclose(got, mean_want, **_TOL)
   got = losses.reconstruction_loss(predictions=preds, targets=targets, reduction="frobenius")
   np.testing.assert_allclose(got, frob_want, **_TOL)
-  got = losses.cycle_loss(private=targets, reencoded=preds, reduction="frobenius")
+  got = losses.cycle_loss(predictions=preds, targets=targets, reduction="frobenius")
   np.testing.assert_allclose(got, frob_want, **_TOL)
 
 
