@@ -175,6 +175,8 @@ def get_config():
   config.train.eval_batch_size = 256
   # Evaluate the test split every epoch too (as the reference does; never used for selection).
   config.train.eval_test_every_epoch = True
+  # Devices of the data-parallel mesh (0 = all local/global devices). Batch sizes must divide.
+  config.train.num_devices = 0
   # Keep the training arrays on the accelerator when they fit in this many bytes.
   config.train.device_data_limit_bytes = 8 * 2**30
 

@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from dhmd_jax import objective
+from dhmd_jax import parallel
 
 
 @flax.struct.dataclass
@@ -106,24 +107,26 @@ def gather(data, index):
   return jax.tree.map(lambda a: jnp.take(a, index, axis=0), data)
 
 
-def make_run_chunk(train_step):
+def make_run_chunk(train_step, mesh=None):
   """Jitted: scan `train_step` over K steps for all seeds at once.
 
   Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
     states: stacked TrainState (leading axis S); donated.
     active: (S,) bool, False for seeds that early-stopped.
-    data: dict of training arrays (N, ...), shared by the seeds.
+    data: dict of training arrays (N, ...), shared by the seeds (replicated over the mesh).
     index: (S, K, U, B) int32 rows of `data` for every micro-batch.
     valid: (K,) bool, False for padding steps past the end of the epoch.
     dropout_keys: (S,) keys; step t of a seed uses fold_in(key, t), so resuming is exact.
   Returns (states, metrics) with metrics leaves of shape (S, K).
+  With a `mesh`, each step's micro-batches (U, B, ...) are split over devices along B.
   """
 
   def run_one_seed(state, active, data, index, valid, dropout_key):
     def body(state, xs):
       step_index, ok = xs
       key = jax.random.fold_in(dropout_key, state.step)
-      new_state, metrics = train_step(state, gather(data, step_index), key)
+      batch = parallel.constrain_batch(gather(data, step_index), mesh, batch_axis=1)
+      new_state, metrics = train_step(state, batch, key)
       keep = jnp.logical_and(ok, active)
       new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
       return new_state, metrics
@@ -149,7 +152,7 @@ def epoch_index(order_keys, epoch, *, num_samples, batch_size, num_steps, micro_
   return jax.vmap(one)(order_keys)
 
 
-def make_predict(model, *, batch_size):
+def make_predict(model, *, batch_size, mesh=None):
   """Jitted `predict(stacked_params, data) -> (S, N, O)` predictions, deterministic."""
 
   def predict_one(params, data):
@@ -159,7 +162,8 @@ def make_predict(model, *, batch_size):
     index = index.reshape(num_batches, batch_size)
 
     def body(_, rows):
-      out = model.apply({"params": params}, gather(data, rows), deterministic=True)
+      batch = parallel.constrain_batch(gather(data, rows), mesh, batch_axis=0)
+      out = model.apply({"params": params}, batch, deterministic=True)
       return None, out["prediction"]
 
     _, preds = jax.lax.scan(body, None, index)

@@ -25,6 +25,7 @@ import numpy as np
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
 from dhmd_jax import metrics as metrics_lib
+from dhmd_jax import parallel
 from dhmd_jax import reporting
 from dhmd_jax import schedule
 from dhmd_jax import steps
@@ -33,7 +34,8 @@ from dhmd_jax.models import dhmd as dhmd_model
 MODALITIES = ("text", "vision", "audio")
 # Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("train.num_epochs", "train.steps_per_chunk", "train.eval_batch_size",
-                      "train.eval_test_every_epoch", "train.device_data_limit_bytes", "log")
+                      "train.eval_test_every_epoch", "train.device_data_limit_bytes",
+                      "train.num_devices", "log")
 
 
 class TrainingError(RuntimeError):
@@ -186,12 +188,17 @@ def train_and_evaluate(config, workdir):
     logging.warning("training arrays (%.1f GB) exceed train.device_data_limit_bytes; "
                     "they are copied to the device anyway (host streaming is not implemented)",
                     nbytes(host["train"]) / 1e9)
-  device = {name: jax.device_put(arrays) for name, arrays in host.items()}
+  mesh = parallel.make_mesh(config.train.num_devices)
+  parallel.check_divisible(mesh, batch_size, "config.train.batch_size")
+  parallel.check_divisible(mesh, config.train.eval_batch_size, "config.train.eval_batch_size")
+  device = {name: jax.device_put(arrays, parallel.replicated(mesh))
+            for name, arrays in host.items()}
 
   model = build(config, dataset)
   init_keys, order_keys, dropout_keys = seed_keys(seeds)
   sample = jax.tree.map(lambda a: a[:batch_size], device["train"])
-  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(init_keys)
+  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)),
+                   out_shardings=parallel.replicated(mesh))(init_keys)
   best_params = jax.tree.map(jnp.copy, states.params)
   sched = schedule.init_state(num_seeds, config.train.learning_rate)
 
@@ -211,8 +218,8 @@ def train_and_evaluate(config, workdir):
   states = steps.set_learning_rate(states, sched["lr"])
 
   train_step = steps.make_train_step(config, model)
-  run_chunk = steps.make_run_chunk(train_step)
-  predict = steps.make_predict(model, batch_size=config.train.eval_batch_size)
+  run_chunk = steps.make_run_chunk(train_step, mesh)
+  predict = steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh)
   num_chunks, chunk = _chunking(steps_per_epoch, config.train.steps_per_chunk)
 
   log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),

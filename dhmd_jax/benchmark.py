@@ -1,0 +1,212 @@
+"""Benchmark: training and evaluation throughput on MOSEI-shaped synthetic batches.
+
+  python -m dhmd_jax.benchmark                       # all cases, JSON + Markdown on stdout
+  python -m dhmd_jax.benchmark --cases=aligned:16:1,unaligned:16:1 --out=bench.json
+  python -m dhmd_jax.benchmark --variant=dmd         # the model as in the reference (no DM)
+
+A case is `layout:batch:seeds`. A training "step" is what the reference figures time: forward,
+every loss, backward and the Adam step on one batch (update_epochs = 1), here run as a jitted
+`lax.scan` of `--steps` steps over device-resident data, for `seeds` seeds at once (vmap).
+samples/s counts every seed's samples. Compile time is the first call's wall time minus a
+steady-state call. Also reported: FLOPs of one step (XLA cost analysis), the fraction of the
+CPU's peak it reaches (on CPU), evaluation throughput, the peak device memory (or the process
+peak RSS on CPU), the device and the library versions.
+"""
+
+import dataclasses
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import mosei
+from dhmd_jax import steps
+from dhmd_jax.models import dhmd as dhmd_model
+
+_CASES = flags.DEFINE_string(
+    "cases", "aligned:16:1,aligned:64:1,unaligned:16:1,unaligned:64:1,"
+    "aligned:16:5,aligned:64:5,unaligned:16:5,unaligned:64:5",
+    "Comma-separated layout:batch:seeds cases.")
+_VARIANT = flags.DEFINE_enum("variant", "both", ["dmd", "dhmd", "both"],
+                             "dmd: the model as in the reference (dictionary matching off); "
+                             "dhmd: the full model; both: each case twice.")
+_STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Timed chunks per case (the best is reported).")
+_ACCUMULATE = flags.DEFINE_enum("accumulate", "scan", ["scan", "vmap"],
+                                "config.train.accumulate for the step.")
+_OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
+
+# MOSEI shapes: (T, D) per modality.
+SHAPES = {
+    "aligned": {"text": (50, 768), "vision": (50, 35), "audio": (50, 74)},
+    "unaligned": {"text": (50, 768), "vision": (500, 35), "audio": (500, 74)},
+}
+
+
+def make_config(variant):
+  config = mosei.get_config("aligned")
+  config.model.use_dm = variant == "dhmd"
+  config.train.update_epochs = 1
+  config.train.accumulate = _ACCUMULATE.value
+  return config
+
+
+def synthetic_arrays(layout, num, seed=0):
+  rng = np.random.default_rng(seed)
+  arrays = {}
+  for m, (t, d) in SHAPES[layout].items():
+    arrays[m] = rng.standard_normal((num, t, d), dtype=np.float32)
+    arrays[f"{m}_mask"] = np.ones((num, t), bool)
+  arrays["label"] = np.clip(rng.standard_normal(num), -3, 3).astype(np.float32)
+  return arrays
+
+
+def cpu_peak_flops():
+  """Peak fp32 FLOP/s of this CPU: cores x GHz x FLOPs/cycle (FMA width from the flags)."""
+  try:
+    info = open("/proc/cpuinfo").read()
+  except OSError:
+    return None, "unknown"
+  flags_line = next((l for l in info.splitlines() if l.startswith("flags")), "")
+  mhz = [float(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu MHz")]
+  cores = os.cpu_count() or 1
+  if "avx512f" in flags_line:
+    per_cycle, isa = 64, "AVX-512 (2 FMA units x 16 fp32 x 2)"
+  elif "avx2" in flags_line and "fma" in flags_line:
+    per_cycle, isa = 32, "AVX2+FMA (2 FMA units x 8 fp32 x 2)"
+  else:
+    per_cycle, isa = 8, "SSE"
+  if not mhz:
+    return None, isa
+  return cores * (max(mhz) * 1e6) * per_cycle, f"{cores} cores x {max(mhz):.0f} MHz x {isa}"
+
+
+def peak_memory():
+  device = jax.devices()[0]
+  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+  if stats and "peak_bytes_in_use" in stats:
+    return {"device_peak_bytes": int(stats["peak_bytes_in_use"])}
+  rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return {"process_peak_rss_bytes": int(rss_kb) * 1024}
+
+
+@dataclasses.dataclass
+class CaseResult:
+  variant: str
+  layout: str
+  batch: int
+  seeds: int
+  compile_s: float
+  ms_per_step: float
+  samples_per_s: float
+  step_gflops: float
+  eval_samples_per_s: float
+  cpu_peak_fraction: float | None
+
+
+def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
+  config = make_config(variant)
+  model = dhmd_model.build_model(config, num_outputs=1)
+  num = max(batch * num_steps, 256)
+  data = jax.device_put(synthetic_arrays(layout, num))
+  seeds = list(range(1111, 1111 + num_seeds))
+  keys = jnp.stack([jax.random.key(s) for s in seeds])
+  sample = jax.tree.map(lambda a: a[:batch], data)
+  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
+                            micro_per_step=1)
+  active = jnp.ones(num_seeds, bool)
+  valid = jnp.ones(num_steps, bool)
+
+  start = time.perf_counter()
+  states, metrics = run_chunk(states, active, data, index, valid, keys)
+  jax.block_until_ready(metrics)
+  first = time.perf_counter() - start
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    states, metrics = run_chunk(states, active, data, index, valid, keys)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - start)
+  best = min(times)
+  ms_per_step = 1e3 * best / num_steps
+
+  # FLOPs of one optimizer step of one seed (XLA's count for the compiled step).
+  one_state = jax.tree.map(lambda a: a[0], states)
+  one_batch = jax.tree.map(lambda a: a[index[0, 0]], data)
+  step = jax.jit(steps.make_train_step(config, model))
+  cost = step.lower(one_state, one_batch, keys[0]).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops = float(cost.get("flops", 0.0)) if cost else 0.0
+  peak, _ = cpu_peak_flops()
+  achieved = flops * num_seeds / (best / num_steps)
+  fraction = achieved / peak if (peak and jax.default_backend() == "cpu") else None
+
+  predict = steps.make_predict(model, batch_size=256)
+  eval_data = jax.device_put(synthetic_arrays(layout, 1024, seed=1))
+  jax.block_until_ready(predict(states.params, eval_data))
+  start = time.perf_counter()
+  jax.block_until_ready(predict(states.params, eval_data))
+  eval_rate = 1024 * num_seeds / (time.perf_counter() - start)
+  return CaseResult(variant, layout, batch, num_seeds, max(first - best, 0.0), ms_per_step,
+                    batch * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate, fraction)
+
+
+def environment():
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  peak, peak_text = cpu_peak_flops()
+  return {
+      "backend": jax.default_backend(),
+      "devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
+      "python": sys.version.split()[0], "platform": platform.platform(),
+      "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+      "numpy": np.__version__, "cpu_count": os.cpu_count(),
+      "cpu_peak_gflops": None if peak is None else peak / 1e9, "cpu_peak_basis": peak_text,
+  }
+
+
+def markdown(results, env):
+  lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}", "",
+           "| model | layout | batch | seeds | compile s | ms/step | samples/s | GFLOP/step "
+           "| % CPU peak | eval samples/s |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in results:
+    frac = "" if r["cpu_peak_fraction"] is None else f"{100 * r['cpu_peak_fraction']:.1f}"
+    lines.append(f"| {r['variant']} | {r['layout']} | {r['batch']} | {r['seeds']} | "
+                 f"{r['compile_s']:.1f} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | "
+                 f"{r['step_gflops']:.2f} | {frac} | {r['eval_samples_per_s']:.0f} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  variants = ["dmd", "dhmd"] if _VARIANT.value == "both" else [_VARIANT.value]
+  results = []
+  for case in _CASES.value.split(","):
+    layout, batch, seeds = case.split(":")
+    for variant in variants:
+      r = run_case(variant, layout, int(batch), int(seeds), _STEPS.value, _REPEATS.value)
+      results.append(dataclasses.asdict(r))
+      print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+  env = environment()
+  report = {"environment": env, "memory": peak_memory(), "results": results}
+  print(json.dumps(report, indent=2))
+  print(markdown(results, env))
+  if _OUT.value:
+    with open(_OUT.value, "w") as f:
+      json.dump(report, f, indent=2)
+
+
+if __name__ == "__main__":
+  app.run(main)

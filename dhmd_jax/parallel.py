@@ -1,0 +1,51 @@
+"""Data parallelism: one `data` mesh axis over the devices, batches split along it.
+
+The train step is the same function on 1 or N devices: `jax.jit` compiles it for the mesh, the
+micro-batches are constrained to be split along their batch axis, and parameters, optimizer
+state and the device-resident training arrays are replicated. XLA inserts the gradient
+all-reduce. Because the program is written for the global batch, triplet mining sees the whole
+batch, not a device's shard.
+
+Multi-host: call `jax.distributed.initialize()` on every host before anything else; the mesh
+then spans all hosts' devices (`jax.devices()`), and every host runs the same command.
+"""
+
+import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(num_devices):
+  """A 1-D mesh over the first `num_devices` devices (0 = all)."""
+  devices = jax.devices()
+  n = len(devices) if num_devices == 0 else num_devices
+  if n > len(devices) or n < 1:
+    raise ValueError(f"config.train.num_devices = {num_devices}, but {len(devices)} "
+                     f"device(s) are available")
+  axis_types = (jax.sharding.AxisType.Auto,)
+  return jax.make_mesh((n,), (DATA_AXIS,), axis_types=axis_types, devices=devices[:n])
+
+
+def check_divisible(mesh, batch_size, what):
+  n = mesh.shape[DATA_AXIS]
+  if batch_size % n:
+    raise ValueError(f"{what} = {batch_size} is not divisible by the {n} devices of the data "
+                     f"axis; choose a multiple of {n} or set config.train.num_devices")
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh, batch_axis):
+  """Sharding that splits axis `batch_axis` of every leaf over the data axis."""
+  return NamedSharding(mesh, P(*([None] * batch_axis), DATA_AXIS))
+
+
+def constrain_batch(tree, mesh, batch_axis):
+  """Inside jit: ask for `tree`'s leaves to be split along `batch_axis` (no-op for 1 device)."""
+  if mesh is None or mesh.size == 1:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, batch_sharding(mesh, batch_axis))

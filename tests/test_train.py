@@ -1,0 +1,209 @@
+"""End-to-end training on the tiny synthetic config: report, logs, checkpoints, resume after
+SIGKILL, non-finite losses, evaluate/predict, compile-once, and the accumulation semantics."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import tiny
+from dhmd_jax import checkpoint
+from dhmd_jax import data as data_lib
+from dhmd_jax import evaluate as evaluate_lib
+from dhmd_jax import steps
+from dhmd_jax import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("run"))
+  config = tiny.get_config()
+  config.log.tensorboard = True
+  results = train_lib.train_and_evaluate(config, workdir)
+  return config, workdir, results
+
+
+def test_report_and_logs(trained):
+  config, workdir, results = trained
+  seeds = list(config.train.seeds)
+  assert results["seeds"] == seeds
+  for name in ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_7",
+               "Mult_acc_5", "MAE", "Corr"):
+    assert len(results["test"][name]) == len(seeds)
+    assert set(results["test_summary"][name]) == {"mean", "std"}
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["seeds"] == seeds
+  markdown = open(os.path.join(workdir, "results.md")).read()
+  assert "mean ± std" in markdown and "Has0_acc_2" in markdown and "Non0_acc_2" in markdown
+  assert json.load(open(os.path.join(workdir, "config.json")))["train"]["batch_size"] == 8
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["epoch"] for r in records] == [1, 2]
+  for key in ("task", "rec", "cyc", "mar", "ort", "dtl_homo", "dtl_hetero", "ctr_homo",
+              "ctr_hetero", "total"):
+    assert len(records[0]["train"][key]) == len(seeds), key
+  # Mean GD edge weight of every directed edge of both units, each seed's six summing to 1.
+  for space in ("homo", "hetero"):
+    weights = np.array([records[0]["edges"][f"{space}/{e}"] for e in
+                        ("V->L", "A->L", "L->V", "A->V", "L->A", "V->A")])
+    np.testing.assert_allclose(weights.sum(0), 1.0, rtol=1e-5)
+  assert set(records[0]["valid"]) >= {"MAE", "Non0_acc_2"} and records[0]["test"]
+  assert len(records[0]["lr"]) == len(seeds)
+  tb_files = os.listdir(os.path.join(workdir, "tensorboard", f"seed_{seeds[0]}"))
+  assert any(f.startswith("events.out.tfevents") for f in tb_files)
+  rows = list(csv.reader(open(os.path.join(workdir, "predictions_test.csv"))))
+  assert rows[0] == ["id", "label"] + [f"prediction_seed_{s}" for s in seeds]
+  assert len(rows) - 1 == config.dataset.synthetic.num_test
+
+
+def test_evaluate_and_predict_match_training_report(trained):
+  config, workdir, results = trained
+  evaluated = evaluate_lib.evaluate(config, workdir, split="test", which="best")
+  for name, values in results["test"].items():
+    np.testing.assert_allclose(evaluated["per_seed"][name], values, rtol=1e-6, equal_nan=True)
+  path = evaluate_lib.predict(config, workdir, split="valid",
+                              output=os.path.join(workdir, "p.csv"))
+  rows = list(csv.DictReader(open(path)))
+  dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
+  assert [r["id"] for r in rows] == list(dataset.splits["valid"].ids)
+
+
+def test_step_compiles_once(tmp_path):
+  config = tiny.get_config()
+  dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
+  model = train_lib.build(config, dataset)
+  arrays = jax.device_put(train_lib.split_arrays(dataset.splits["train"], "regression"))
+  init_keys, order_keys, dropout_keys = train_lib.seed_keys(config.train.seeds)
+  sample = jax.tree.map(lambda a: a[:8], arrays)
+  states = jax.vmap(lambda k: steps.init_state(config, model, sample, k))(init_keys)
+  train_step = chex.assert_max_traces(steps.make_train_step(config, model), n=1)
+  run_chunk = steps.make_run_chunk(train_step)
+  active = jnp.ones(2, bool)
+  for epoch in (1, 2, 3):
+    index = steps.epoch_index(order_keys, epoch, num_samples=96, batch_size=8, num_steps=3,
+                              micro_per_step=2)
+    states, metrics = run_chunk(states, active, arrays, index, jnp.ones(3, bool), dropout_keys)
+  assert int(states.step[0]) == 9
+  assert run_chunk._cache_size() == 1  # pylint: disable=protected-access
+  chex.assert_tree_all_finite(metrics)
+
+
+def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
+  """G <- clip(G + g_k) for k = 1..U, then one Adam step; 'vmap' and 'scan' agree."""
+  config = tiny.get_config()
+  config.train.grad_clip_value = 0.01
+  config.train.update_epochs = 3
+  dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
+  model = train_lib.build(config, dataset)
+  arrays = train_lib.split_arrays(dataset.splits["train"], "regression")
+  batch = jax.tree.map(lambda a: jnp.asarray(a[:24]).reshape((3, 8) + a.shape[1:]), arrays)
+  state = steps.init_state(config, model, jax.tree.map(lambda a: a[0], batch),
+                           jax.random.key(0))
+  key = jax.random.key(1)
+
+  from dhmd_jax import objective  # pylint: disable=g-import-not-at-top
+  def loss(params, micro, k):
+    out = model.apply({"params": params}, micro, deterministic=False, rngs={"dropout": k})
+    return objective.compute_objective(config, out, micro["label"])[0]
+
+  keys = jax.random.split(key, 3)
+  total = jax.tree.map(jnp.zeros_like, state.params)
+  for u in range(3):
+    g = jax.grad(loss)(state.params, jax.tree.map(lambda a: a[u], batch), keys[u])
+    total = jax.tree.map(lambda t, x: jnp.clip(t + x, -0.01, 0.01), total, g)
+  updates, _ = steps.make_optimizer(config).update(total, state.opt_state, state.params)
+  expected = jax.tree.map(jnp.add, state.params, updates)
+
+  for mode in ("vmap", "scan"):
+    config.train.accumulate = mode
+    new_state, _ = jax.jit(steps.make_train_step(config, model))(state, batch, key)
+    chex.assert_trees_all_close(new_state.params, expected, atol=1e-6, rtol=1e-5)
+  # Clipping once at the end would differ: the bound really acts per micro-batch.
+  assert max(float(jnp.max(jnp.abs(t))) for t in jax.tree.leaves(total)) <= 0.01 + 1e-9
+
+
+def _run_main(workdir, *extra, wait=True):
+  cmd = [sys.executable, "-m", "dhmd_jax.main", "--config=configs/tiny.py",
+         f"--workdir={workdir}", *extra]
+  env = dict(os.environ, PYTHONUNBUFFERED="1")
+  if wait:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+  return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, env=env)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+  epochs = "--config.train.num_epochs=4"
+  seeds = "--config.train.seeds=(1111,)"
+  straight = _run_main(tmp_path / "straight", epochs, seeds)
+  assert straight.returncode == 0, straight.stderr[-2000:]
+
+  killed_dir = tmp_path / "killed"
+  proc = _run_main(killed_dir, epochs, seeds, wait=False)
+  latest = killed_dir / "checkpoints" / "latest"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if latest.exists() and any(p.name.isdigit() and int(p.name) >= 2 for p in latest.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be killed"
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  resumed = _run_main(killed_dir, epochs, seeds)
+  assert resumed.returncode == 0, resumed.stderr[-2000:]
+  assert "resuming from the checkpoint of epoch" in resumed.stdout
+
+  a = json.load(open(tmp_path / "straight" / "results.json"))
+  b = json.load(open(killed_dir / "results.json"))
+  assert a["best_epoch"] == b["best_epoch"]
+  for name in a["test"]:
+    np.testing.assert_allclose(a["test"][name], b["test"][name], rtol=1e-5, atol=1e-6)
+  records = [json.loads(l) for l in open(killed_dir / "metrics.jsonl")]
+  assert [r["epoch"] for r in records] == [1, 2, 3, 4]
+
+
+def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, monkeypatch):
+  config = tiny.get_config()
+  config.train.seeds = (1111,)
+  config.train.num_epochs = 1
+  workdir = str(tmp_path)
+  train_lib.train_and_evaluate(config, workdir)
+
+  real_load = data_lib.load_dataset
+
+  def poisoned(*args, **kwargs):
+    dataset = real_load(*args, **kwargs)
+    audio = np.array(dataset.splits["train"].features["audio"])
+    audio[:] = 3e38  # overflows to inf inside the model
+    dataset.splits["train"].features["audio"] = audio
+    return dataset
+
+  monkeypatch.setattr(data_lib, "load_dataset", poisoned)
+  config.train.num_epochs = 2
+  with pytest.raises(train_lib.TrainingError, match=r"non-finite loss at epoch 2, step 1 "
+                     r"\(seed 1111\): term '\w+'") as info:
+    train_lib.train_and_evaluate(config, workdir)
+  assert "\n" not in str(info.value)
+  ckpt = checkpoint.Checkpointer(workdir)
+  assert ckpt._latest.latest_step() == 1  # pylint: disable=protected-access
+  ckpt.close()
+
+
+def test_missing_real_data_never_falls_back_to_synthetic(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "dhmd_jax.main",
+                         f"--config={REPO}/configs/mosei.py", f"--workdir={tmp_path}/w"],
+                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  message = proc.stderr.strip().splitlines()[-1]
+  assert "aligned_50.pkl" in message and "MMSA" in message
+  assert not (tmp_path / "w" / "data").exists()
