@@ -177,6 +177,9 @@ def get_config():
   config.train.eval_test_every_epoch = True
   # Devices of the data-parallel mesh (0 = all local/global devices). Batch sizes must divide.
   config.train.num_devices = 0
+  # JAX's persistent compilation cache: a resumed or repeated run skips XLA compilation (minutes
+  # on a small CPU). Empty disables it; an already configured jax_compilation_cache_dir wins.
+  config.train.compilation_cache_dir = "~/.cache/dhmd_jax/xla"
   # Keep the training arrays on the accelerator when they fit in this many bytes.
   config.train.device_data_limit_bytes = 8 * 2**30
 

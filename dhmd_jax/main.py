@@ -15,6 +15,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 import configs
@@ -38,6 +39,8 @@ _OUTPUT = flags.DEFINE_string("output", "", "CSV path for --mode=predict.")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
   config = flags.FLAGS.config
   workdir = _WORKDIR.value
   try:

@@ -20,6 +20,7 @@ from typing import Any
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from dhmd_jax import objective
@@ -153,23 +154,28 @@ def epoch_index(order_keys, epoch, *, num_samples, batch_size, num_steps, micro_
 
 
 def make_predict(model, *, batch_size, mesh=None):
-  """Jitted `predict(stacked_params, data) -> (S, N, O)` predictions, deterministic."""
+  """`predict(stacked_params, data) -> (S, N, O)` deterministic predictions of every seed.
 
-  def predict_one(params, data):
+  One jitted batch function serves every split (its shapes do not depend on N, so valid, test
+  and any other split share one compilation); a short host loop walks the batches, padding the
+  last one with real rows whose outputs are dropped.
+  """
+
+  @jax.jit
+  def predict_batch(params, batch):
+    batch = parallel.constrain_batch(batch, mesh, batch_axis=0)
+    apply = lambda p: model.apply({"params": p}, batch, deterministic=True)["prediction"]
+    return jax.vmap(apply)(params)  # (S, batch_size, O)
+
+  def predict(params, data):
     num = data["label"].shape[0]
-    num_batches = -(-num // batch_size)
-    index = jnp.arange(num_batches * batch_size) % num  # padding repeats real rows
-    index = index.reshape(num_batches, batch_size)
+    outputs = []
+    for start in range(0, num, batch_size):
+      rows = jnp.asarray(np.arange(start, start + batch_size) % num)
+      outputs.append(predict_batch(params, gather(data, rows)))
+    return jnp.concatenate(outputs, axis=1)[:, :num]
 
-    def body(_, rows):
-      batch = parallel.constrain_batch(gather(data, rows), mesh, batch_axis=0)
-      out = model.apply({"params": params}, batch, deterministic=True)
-      return None, out["prediction"]
-
-    _, preds = jax.lax.scan(body, None, index)
-    return preds.reshape(num_batches * batch_size, -1)[:num]
-
-  return jax.jit(jax.vmap(predict_one, in_axes=(0, None)))
+  return predict
 
 
 @jax.jit

@@ -35,7 +35,7 @@ MODALITIES = ("text", "vision", "audio")
 # Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("train.num_epochs", "train.steps_per_chunk", "train.eval_batch_size",
                       "train.eval_test_every_epoch", "train.device_data_limit_bytes",
-                      "train.num_devices", "log")
+                      "train.num_devices", "train.compilation_cache_dir", "log")
 
 
 class TrainingError(RuntimeError):
@@ -67,6 +67,13 @@ def num_outputs(config):
 def build(config, dataset):
   del dataset  # shapes come from the batches themselves
   return dhmd_model.build_model(config, num_outputs=num_outputs(config))
+
+
+def enable_compilation_cache(directory):
+  """Turns on JAX's persistent compilation cache unless one is configured already."""
+  if directory and not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def seed_keys(seeds):
@@ -161,6 +168,7 @@ def train_and_evaluate(config, workdir):
   """
   start_time = time.time()
   os.makedirs(workdir, exist_ok=True)
+  enable_compilation_cache(config.train.compilation_cache_dir)
   task = config.dataset.task
   seeds = [int(s) for s in config.train.seeds]
   num_seeds = len(seeds)
