@@ -207,7 +207,8 @@ def train_and_evaluate(config, workdir):
   sample = jax.tree.map(lambda a: a[:batch_size], device["train"])
   states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)),
                    out_shardings=parallel.replicated(mesh))(init_keys)
-  best_params = jax.tree.map(jnp.copy, states.params)
+  # One jitted copy, not one eager op (and one compilation) per parameter array.
+  best_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(states.params)
   sched = schedule.init_state(num_seeds, config.train.learning_rate)
 
   ckpt = checkpoint.Checkpointer(workdir)
