@@ -1,1 +1,8 @@
 """Flax modules of DHMD: decoupling, MulT transformers, GD-Units, dictionary matching."""
+
+from dhmd_jax.models.dhmd import DHMD
+from dhmd_jax.models.dhmd import ModelSettings
+from dhmd_jax.models.dhmd import build_model
+from dhmd_jax.models.gd_unit import EDGE_NAMES
+from dhmd_jax.models.gd_unit import EDGE_PAIRS
+from dhmd_jax.models.gd_unit import edges_to_matrix

@@ -72,7 +72,7 @@ class DictionaryMatching(nn.Module):
         a = jnp.max(scores, axis=1)  # (B, K)
       else:
         real = masks[idx].astype(bool)[:, :, None]  # (B, T, 1)
-        a = jnp.max(jnp.where(real, scores, -jnp.inf), axis=1)  # (B, K)
+        a = jnp.max(jnp.where(real, scores, jnp.finfo(scores.dtype).min), axis=1)  # (B, K)
         a = jnp.where(jnp.any(real, axis=1), a, 0.0)  # no real step: uniform alpha
       pooled.append(a)
     a = jnp.stack(pooled, axis=1)  # (B, 3, K)

@@ -25,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from dhmd_jax.models.heads import torch_linear
+from dhmd_jax.models.heads import TORCH_KERNEL_INIT
+from dhmd_jax.models.heads import torch_bias_init
 
 # (student j, teacher i) for the six directed edges i -> j, in the DMD code's order.
 EDGE_PAIRS = ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1))
@@ -44,8 +45,27 @@ def edges_to_matrix(w: jax.Array) -> jax.Array:
   return out.reshape(w.shape[:-1] + (3, 3))
 
 
+class _Linear(nn.Module):
+  """PyTorch-initialised Linear whose bias can be left out of one call (same parameters)."""
+  features: int
+
+  @nn.compact
+  def __call__(self, x, *, with_bias: bool = True):
+    fan_in = x.shape[-1]
+    kernel = self.param("kernel", TORCH_KERNEL_INIT, (fan_in, self.features))
+    bias = self.param("bias", torch_bias_init(fan_in), (self.features,))
+    y = x @ kernel
+    return y + bias if with_bias else y
+
+
 class GDUnit(nn.Module):
   """Edge scores and weights of one GD-Unit (HoGD or HeGD).
+
+  The biases of W_logit, W_repr and W_edge add the same constant to all six scores, so they
+  cannot change w (the softmax cancels them) and their true gradient through w is 0. The weights
+  are therefore computed from the bias-free scores (the same values of w): the biases then get
+  exactly 0 from w instead of rounding noise, which Adam would turn into +-lr updates. The
+  returned raw scores e include the biases, as in the code.
 
   Attributes:
     hidden: g, width of the logit/repr embeddings ("embedded" mode; unused in "raw" mode).
@@ -68,19 +88,27 @@ class GDUnit(nn.Module):
       weights (B, 6), rows summing to 1, and the raw scores e (B, 6), edges in `EDGE_PAIRS` order.
     """
     if self.edge_input == "embedded":
-      num_outputs, h = logits.shape[-1], reprs.shape[-1]
-      z_logit = torch_linear(self.hidden, num_outputs, name="W_logit")(logits)  # (3, B, g)
-      z_repr = torch_linear(self.hidden, h, name="W_repr")(reprs)  # (3, B, g)
-      z = jnp.concatenate([z_logit, z_repr], axis=-1)  # (3, B, 2g)
-      pairs = [jnp.concatenate([z[j], z[i]], axis=-1) for j, i in EDGE_PAIRS]  # [z_j, z_i]
-      w_edge = torch_linear(1, 4 * self.hidden, name="W_edge")
+      w_logit = _Linear(self.hidden, name="W_logit")
+      w_repr = _Linear(self.hidden, name="W_repr")
+
+      def pairs(with_bias):
+        z = jnp.concatenate([w_logit(logits, with_bias=with_bias),
+                             w_repr(reprs, with_bias=with_bias)], axis=-1)  # (3, B, 2g)
+        return jnp.stack([jnp.concatenate([z[j], z[i]], axis=-1)  # [z_j, z_i], as coded
+                          for j, i in EDGE_PAIRS], axis=1)  # (B, 6, 4g)
     elif self.edge_input == "raw":
       x = jnp.concatenate([logits, reprs], axis=-1)  # (3, B, O + H): [f(X_m), X_m]
-      pairs = [jnp.concatenate([x[i], x[j]], axis=-1) for j, i in EDGE_PAIRS]  # Eq. 8: [i, j]
-      w_edge = torch_linear(1, pairs[0].shape[-1], name="W_edge")
+      stacked = jnp.stack([jnp.concatenate([x[i], x[j]], axis=-1)  # Eq. 8: [i, j]
+                           for j, i in EDGE_PAIRS], axis=1)  # (B, 6, 2(O + H))
+
+      def pairs(with_bias):
+        del with_bias
+        return stacked
     else:
       raise ValueError(
           f"config.gd.edge_input must be 'embedded' or 'raw', got {self.edge_input!r}")
-    scores = w_edge(jnp.stack(pairs, axis=1))[..., 0]  # (B, 6)  e_{j<-i}
-    weights = jax.nn.softmax(scores / self.temperature, axis=-1)  # (B, 6) joint softmax
+    w_edge = _Linear(1, name="W_edge")
+    scores = w_edge(pairs(True))[..., 0]  # (B, 6)  e_{j<-i}
+    shift_free = w_edge(pairs(False), with_bias=False)[..., 0]  # (B, 6) e minus a constant
+    weights = jax.nn.softmax(shift_free / self.temperature, axis=-1)  # (B, 6) joint softmax
     return weights, scores

@@ -1,13 +1,14 @@
 """PyTorch-initialised linear layers and the residual MLP heads of DMD / DHMD.
 
 Every `nn.Linear` / `nn.Conv1d` of the DMD code that does not set its own init keeps PyTorch's
-default, kaiming-uniform with a = sqrt(5), i.e. kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+default, kaiming-uniform with a = sqrt(5): kernel and bias ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
 `torch_linear` and `TORCH_CONV_INIT` reproduce that, so the port starts from the same weight
 scales as the reference (this matters most for the flatten-Linears with fan_in = T' * d).
 
 The residual MLP head is the pattern used for every output of the reference model:
 
-  r = Linear(F -> hidden)(x); y = Linear(hidden -> F)(dropout(relu(r))) + x; logit = Linear(F -> O)(y)
+  r = Linear(F -> hidden)(x); y = Linear(hidden -> F)(dropout(relu(r))) + x;
+  logit = Linear(F -> O)(y)
 
 * homogeneous per-modality heads (`proj1_m_low`, `proj2_m_low`, `out_layer_m_low`) on flatten(c_m):
   hidden = d, and the HoGD representation is relu(r) (the reference applies ReLU in place);
@@ -27,7 +28,8 @@ TORCH_KERNEL_INIT = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "unifo
 TORCH_CONV_INIT = TORCH_KERNEL_INIT
 
 
-def _torch_bias_init(fan_in: int):
+def torch_bias_init(fan_in: int):
+  """U(-1/sqrt(fan_in), 1/sqrt(fan_in)), PyTorch's default Linear / Conv1d bias init."""
   bound = 1.0 / math.sqrt(fan_in)
 
   def init(key, shape, dtype=jax.numpy.float32):
@@ -39,7 +41,7 @@ def _torch_bias_init(fan_in: int):
 def torch_linear(features: int, fan_in: int, *, name: str, use_bias: bool = True) -> nn.Dense:
   """A `nn.Dense` initialised like PyTorch's default `nn.Linear(fan_in, features)`."""
   return nn.Dense(features, use_bias=use_bias, kernel_init=TORCH_KERNEL_INIT,
-                  bias_init=_torch_bias_init(fan_in), name=name)
+                  bias_init=torch_bias_init(fan_in), name=name)
 
 
 class ResidualHead(nn.Module):

@@ -14,6 +14,8 @@ of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of t
   stored transposed as `in_proj_kernel` (E, 3E)), xavier-uniform with zero bias; q is scaled by
   head_dim^-1/2; attention dropout acts on the softmax weights. FFN: LN -> Linear(E, 4E) -> ReLU
   -> dropout(relu) -> Linear(4E, E) -> dropout(res) -> + residual. A final LayerNorm follows.
+* The key part of `in_proj_bias` is held out of the gradient (`stop_gradient`): the softmax
+  cancels it, so its true gradient is exactly 0, and this keeps it exactly 0 in floating point.
 * Causal ("future") mask: query i sees keys j <= i + |T_k - T_q| (`buffered_future_mask`).
 * Key-padding mask (not in the DMD code, opt-in): keys whose frame mask is False get no weight; a
   query row with no visible key gets all-zero weights (so its attention output is out_proj's
@@ -92,7 +94,7 @@ class MultiheadAttention(nn.Module):
 
   @nn.compact
   def __call__(self, query, key, value, mask: Optional[jax.Array], *, deterministic: bool):
-    """query (B, T_q, E); key, value (B, T_k, E); mask broadcastable to (B, T_q, T_k), True = see."""
+    """query (B, T_q, E); key, value (B, T_k, E); mask ~ (B, T_q, T_k) bool, True = visible."""
     b, t_q, e = query.shape
     t_k = key.shape[1]
     if e % self.num_heads:
@@ -101,7 +103,10 @@ class MultiheadAttention(nn.Module):
     w = self.param("in_proj_kernel", _XAVIER, (e, 3 * e))  # torch in_proj_weight.T
     bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
     q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
-    k = key @ w[:, e:2 * e] + bias[e:2 * e]  # (B, T_k, E)
+    # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
+    # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
+    # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
+    k = key @ w[:, e:2 * e] + jax.lax.stop_gradient(bias[e:2 * e])  # (B, T_k, E)
     v = value @ w[:, 2 * e:] + bias[2 * e:]  # (B, T_k, E)
     q = q * head_dim**-0.5
     q = q.reshape(b, t_q, self.num_heads, head_dim)

@@ -1,0 +1,331 @@
+"""The DHMD model: DMD's decoupling + two-branch distillation backbone + dictionary matching.
+
+Forward pass (modality order everywhere (L, V, A); see `shared/reference/dmd-reference-code.md`
+section 2 for the reference this follows layer for layer):
+
+1. dropout(text_dropout) on the text features; Conv1d C_m per modality (VALID, no bias)
+   -> X~_m (B, T'_m, d).
+2. Feature decoupling (Eq. 1-3, `decoupling.py`): c_m = E^com(X~_m), s_m = E_m^prt(X~_m),
+   recon_m = D_m([s_m, c_m]), s_r_m = E_m^prt(recon_m); margin features align_c_m(flatten c_m).
+3. Homogeneous branch: per-modality residual flatten-MLP heads on c_m (logits/repr for HoGD);
+   self-attention transformers on c_m whose last steps form c_fusion (3d) and the head logits_c.
+4. Heterogeneous branch (Eq. 10): six cross-modal transformers on the s_m, per target a 2d
+   "memory" transformer; its last step h_m (2d) feeds a residual head (logits/repr for HeGD).
+5. GD-Units (Eq. 8, `gd_unit.py`) on the homo and hetero logits/reprs: edge weights only.
+6. Dictionary matching (Eq. 11-12, `dictionary.py`): HoDM on c_m, HeDM on the memory sequences.
+7. Fusion and final head: "code" = [sigmoid(W h_l), sigmoid(W h_v), sigmoid(W h_a),
+   sigmoid(W c_fusion)] (+ DM reconstructions), "paper" = the plain concatenation
+   [h_l, h_v, h_a, c_fusion] (+ DM reconstructions); then a residual MLP and a Linear.
+   The DM part is [HeDM (3 x 2d), HoDM (3 x d)] flattened. Without `homo_self_attention`,
+   c_fusion is the concatenated last steps of c_m.
+
+Switches (Table 6 / Table 8 ablations):
+* `use_fd=False`: no encoders/decoders/align_c; both branches take X~_m (c_m = s_m = X~_m).
+* `use_ca=False`: per target, Linear(d -> 2d) on s_m replaces the two cross-modal transformers.
+* `use_gd=False`: no GD-Units; `use_dm=False`: no dictionaries and no DM parts in the fusion.
+* `arch="mult"`: the MulT baseline: no decoupling (use_fd is ignored), no homogeneous branch;
+  cross-modal + memory transformers on X~_m, fusion = residual MLP over [h_l, h_v, h_a]
+  (+ HeDM reconstructions), whatever `fusion` and `homo_self_attention` say.
+
+Key-padding (`key_padding_mask=True`, not in the DMD code): attention keys, DM max-pools and the
+"last step" read-outs use the conv-level frame masks (the last REAL step is read), so every
+attention-derived output is independent of the content of padded frames. Without it, the model is
+the DMD code: padding is attended to and the read-out is index -1.
+
+Parameters are initialised like the reference: PyTorch defaults for Linear/Conv1d, xavier-uniform
+with zero bias inside the transformers, xavier-normal dictionaries.
+"""
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from dhmd_jax.models.decoupling import FeatureDecoupling
+from dhmd_jax.models.decoupling import MODALITY_KEYS
+from dhmd_jax.models.decoupling import TemporalProjection
+from dhmd_jax.models.decoupling import conv_frame_mask
+from dhmd_jax.models.dictionary import DictionaryMatching
+from dhmd_jax.models.gd_unit import GDUnit
+from dhmd_jax.models.heads import ResidualHead
+from dhmd_jax.models.heads import torch_linear
+from dhmd_jax.models.transformer import TransformerEncoder
+
+BATCH_KEYS = ("text", "vision", "audio")  # model order (L, V, A)
+# Sources of the two cross-modal transformers of each target, in the DMD code's concat order.
+CROSS_SOURCES = {"l": ("a", "v"), "v": ("l", "a"), "a": ("l", "v")}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+  """The hyperparameters the model reads, copied out of the config (hashable, static)."""
+  num_outputs: int
+  arch: str
+  use_fd: bool
+  use_ca: bool
+  use_gd: bool
+  use_dm: bool
+  d_model: int
+  num_heads: int
+  num_layers: int
+  conv_kernels: tuple  # (l, v, a)
+  text_dropout: float
+  embed_dropout: float
+  attn_dropout: float
+  attn_dropout_a: float
+  attn_dropout_v: float
+  relu_dropout: float
+  res_dropout: float
+  output_dropout: float
+  causal_mask: bool
+  key_padding_mask: bool
+  homo_self_attention: bool
+  fusion: str
+  unused_reference_layers: bool
+  gd_homo_hidden: int
+  gd_hetero_hidden: int
+  gd_edge_input: str
+  gd_temperature: float
+  dm_num_elements: int
+  dm_score_scale: str
+  dm_detach_input: bool
+
+  @classmethod
+  def from_config(cls, config, num_outputs: int) -> "ModelSettings":
+    m, gd, dm = config.model, config.gd, config.dm
+    settings = cls(
+        num_outputs=int(num_outputs), arch=m.arch, use_fd=bool(m.use_fd),
+        use_ca=bool(m.use_ca), use_gd=bool(m.use_gd), use_dm=bool(m.use_dm),
+        d_model=int(m.d_model), num_heads=int(m.num_heads), num_layers=int(m.num_layers),
+        conv_kernels=(int(m.conv_kernel.text), int(m.conv_kernel.vision),
+                      int(m.conv_kernel.audio)),
+        text_dropout=float(m.text_dropout), embed_dropout=float(m.embed_dropout),
+        attn_dropout=float(m.attn_dropout), attn_dropout_a=float(m.attn_dropout_a),
+        attn_dropout_v=float(m.attn_dropout_v), relu_dropout=float(m.relu_dropout),
+        res_dropout=float(m.res_dropout), output_dropout=float(m.output_dropout),
+        causal_mask=bool(m.causal_mask), key_padding_mask=bool(m.key_padding_mask),
+        homo_self_attention=bool(m.homo_self_attention), fusion=m.fusion,
+        unused_reference_layers=bool(m.unused_reference_layers),
+        gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
+        gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
+        dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
+        dm_detach_input=bool(dm.detach_input))
+    settings.validate()
+    return settings
+
+  def validate(self):
+    def bad(field, value, expected):
+      raise ValueError(f"config.{field} = {value!r} is invalid: expected {expected}.")
+    if self.arch not in ("dhmd", "mult"):
+      bad("model.arch", self.arch, "'dhmd' or 'mult'")
+    if self.fusion not in ("code", "paper"):
+      bad("model.fusion", self.fusion, "'code' or 'paper'")
+    if self.gd_edge_input not in ("embedded", "raw"):
+      bad("gd.edge_input", self.gd_edge_input, "'embedded' or 'raw'")
+    if self.dm_score_scale not in ("none", "sqrt_dim"):
+      bad("dm.score_scale", self.dm_score_scale, "'none' or 'sqrt_dim'")
+    if self.d_model < 4 or self.d_model % self.num_heads:
+      bad("model.d_model", self.d_model,
+          f"an integer >= 4 divisible by model.num_heads = {self.num_heads}")
+    if self.num_outputs < 1:
+      bad("num_outputs (build_model argument)", self.num_outputs, "1 (regression) or 2 (binary)")
+    if min(self.conv_kernels) < 1:
+      bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
+
+
+def _read_batch(batch: Mapping[str, Any], kernels):
+  """Returns the three (B, T, D) inputs and (B, T) bool masks (all True where absent)."""
+  inputs, masks = [], []
+  batch_size = None
+  for key, k in zip(BATCH_KEYS, kernels):
+    if key not in batch:
+      raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batch)}); the model needs "
+                     f"'text', 'vision' and 'audio' arrays of shape (B, T, D).")
+    x = jnp.asarray(batch[key], jnp.float32)
+    if x.ndim != 3:
+      raise ValueError(f"batch[{key!r}] has shape {x.shape}; expected (B, T, D).")
+    if batch_size is None:
+      batch_size = x.shape[0]
+    if x.shape[0] != batch_size:
+      raise ValueError(f"batch[{key!r}] has batch size {x.shape[0]} but batch['text'] has "
+                       f"{batch_size}.")
+    if x.shape[1] < k:
+      raise ValueError(f"batch[{key!r}] has {x.shape[1]} frames, fewer than its Conv1d kernel "
+                       f"{k} (config.model.conv_kernel.{key}); pad the sequences or lower it.")
+    mask = batch.get(f"{key}_mask")  # optional input; not a config read
+    if mask is None:
+      mask = jnp.ones(x.shape[:2], bool)
+    else:
+      mask = jnp.asarray(mask).astype(bool)
+      if mask.shape != x.shape[:2]:
+        raise ValueError(f"batch[{key + '_mask'!r}] has shape {mask.shape}; expected "
+                         f"{x.shape[:2]} (B, T) to match batch[{key!r}].")
+    inputs.append(x)
+    masks.append(mask)
+  return tuple(inputs), tuple(masks)
+
+
+def _flatten(x):
+  return x.reshape(x.shape[0], -1)  # (B, T, C) -> (B, T*C), time-major as the reference
+
+
+def _last_step(seq: jax.Array, mask: Optional[jax.Array]) -> jax.Array:
+  """(B, T, C) -> (B, C): index -1, or the last real step when a frame mask is given."""
+  if mask is None:
+    return seq[:, -1]
+  steps = jnp.arange(seq.shape[1])
+  last = jnp.max(jnp.where(mask, steps[None, :], 0), axis=1)  # (B,)
+  return jnp.take_along_axis(seq, last[:, None, None], axis=1)[:, 0]
+
+
+class DHMD(nn.Module):
+  """DHMD / DMD / MulT-baseline model (see the module docstring)."""
+  settings: ModelSettings
+
+  def _transformer(self, name: str, attn_dropout: float, layers: int) -> TransformerEncoder:
+    s = self.settings
+    return TransformerEncoder(
+        num_heads=s.num_heads, num_layers=layers, attn_dropout=attn_dropout,
+        relu_dropout=s.relu_dropout, res_dropout=s.res_dropout, embed_dropout=s.embed_dropout,
+        causal_mask=s.causal_mask, name=name)
+
+  def _attn_dropout(self, source: str) -> float:
+    """Attention dropout by SOURCE modality (`get_network` types l/al/vl, a/la/va, v/lv/av)."""
+    s = self.settings
+    return {"l": s.attn_dropout, "v": s.attn_dropout_v, "a": s.attn_dropout_a}[source]
+
+  @nn.compact
+  def __call__(self, batch: Mapping[str, Any], *, deterministic: bool):
+    """Runs the model.
+
+    Args:
+      batch: dict with `text` (B, T_l, D_l), `vision` (B, T_v, D_v), `audio` (B, T_a, D_a) and
+        optional `text_mask`, `vision_mask`, `audio_mask` (B, T_m) bool; other keys are ignored.
+      deterministic: disables dropout (then no 'dropout' RNG is needed).
+
+    Returns:
+      dict of outputs; keys of switched-off components are absent (see the README).
+    """
+    s = self.settings
+    d, o = s.d_model, s.num_outputs
+    is_dhmd = s.arch == "dhmd"
+    inputs, masks = _read_batch(batch, s.conv_kernels)
+
+    # ------------------------------------------------ 1. temporal Conv1d C_m
+    text = nn.Dropout(s.text_dropout)(inputs[0], deterministic=deterministic)
+    proj = tuple(
+        TemporalProjection(d, k, name=f"proj_{m}")(x)  # (B, T'_m, d)
+        for m, k, x in zip(MODALITY_KEYS, s.conv_kernels, (text,) + inputs[1:]))
+    frame_masks = tuple(conv_frame_mask(mk, k) for mk, k in zip(masks, s.conv_kernels))
+    key_masks = frame_masks if s.key_padding_mask else (None, None, None)
+    out = {"proj": proj}
+
+    # ------------------------------------------------ 2. feature decoupling (Eq. 1-3)
+    if is_dhmd and s.use_fd:
+      dec = FeatureDecoupling(d, name="decoupling")(proj)
+      shared, private = dec.shared, dec.private
+      out.update(shared=dec.shared, private=dec.private, recon=dec.recon,
+                 private_regressed=dec.private_regressed)
+      # align_c_m flattens c_m channel-major, as the reference does (its c_m is (B, d, T') there).
+      margin = [
+          torch_linear(d, c.shape[1] * d, name=f"align_c_{m}")(_flatten(c.transpose(0, 2, 1)))
+          for m, c in zip(MODALITY_KEYS, shared)]
+      out["margin_features"] = jnp.stack(margin, axis=1)  # (B, 3, d), input of L_mar (Eq. 4)
+      if s.unused_reference_layers:
+        # proj_cosine_m of the reference: built (same parameter count), output used by nothing.
+        for m, p in zip(MODALITY_KEYS, private):
+          torch_linear(d, p.shape[1] * d, name=f"proj_cosine_{m}")(_flatten(p))
+    else:
+      shared = private = proj
+
+    # ------------------------------------------------ 3. homogeneous branch
+    if is_dhmd:
+      homo = [
+          ResidualHead(d, o, s.output_dropout, name=f"homo_head_{m}")(
+              _flatten(c), deterministic=deterministic)
+          for m, c in zip(MODALITY_KEYS, shared)]
+      out["logits_homo"] = jnp.stack([h[0] for h in homo])  # (3, B, O)
+      out["repr_homo"] = jnp.stack([h[1] for h in homo])  # (3, B, d), post-ReLU r
+      if s.homo_self_attention:
+        attended = [
+            self._transformer(f"self_attentions_c_{m}", self._attn_dropout(m), s.num_layers)(
+                c, key_mask=km, deterministic=deterministic)  # (B, T'_m, d)
+            for m, c, km in zip(MODALITY_KEYS, shared, key_masks)]
+        c_fusion = jnp.concatenate(
+            [_last_step(a, km) for a, km in zip(attended, key_masks)], axis=-1)  # (B, 3d)
+        out["logits_c"] = ResidualHead(3 * d, o, s.output_dropout, name="head_c")(
+            c_fusion, deterministic=deterministic)[0]  # (B, O)
+      else:
+        c_fusion = jnp.concatenate(
+            [_last_step(c, km) for c, km in zip(shared, key_masks)], axis=-1)  # (B, 3d)
+
+    # ------------------------------------------------ 4. heterogeneous branch (Eq. 10)
+    by_key = dict(zip(MODALITY_KEYS, private))
+    mask_by_key = dict(zip(MODALITY_KEYS, key_masks))
+    memory, last_h, hetero = [], [], []
+    for m in MODALITY_KEYS:
+      if s.use_ca:
+        parts = [
+            self._transformer(f"trans_{m}_with_{src}", self._attn_dropout(src), s.num_layers)(
+                by_key[m], by_key[src], key_mask=mask_by_key[src],
+                deterministic=deterministic)  # (B, T'_m, d), query m, key/value src
+            for src in CROSS_SOURCES[m]]
+        z = jnp.concatenate(parts, axis=-1)  # (B, T'_m, 2d)
+      else:
+        z = torch_linear(2 * d, d, name=f"proj_{m}_2d")(by_key[m])  # (B, T'_m, 2d), no CA
+      seq = self._transformer(f"trans_{m}_mem", s.attn_dropout, max(s.num_layers, 3))(
+          z, key_mask=mask_by_key[m], deterministic=deterministic)  # (B, T'_m, 2d)
+      h = _last_step(seq, mask_by_key[m])  # (B, 2d)
+      memory.append(seq)
+      last_h.append(h)
+      hetero.append(ResidualHead(2 * d, o, s.output_dropout, name=f"hetero_head_{m}")(
+          h, deterministic=deterministic))
+    out["logits_hetero"] = jnp.stack([h[0] for h in hetero])  # (3, B, O)
+    out["repr_hetero"] = jnp.stack([h[2] for h in hetero])  # (3, B, 2d), post-residual
+
+    # ------------------------------------------------ 5. GD-Units (Eq. 8)
+    if s.use_gd:
+      units = [("hetero", s.gd_hetero_hidden)]
+      if is_dhmd:
+        units.insert(0, ("homo", s.gd_homo_hidden))
+      for space, hidden in units:
+        w, e = GDUnit(hidden, s.gd_edge_input, s.gd_temperature, name=f"gd_{space}")(
+            out[f"logits_{space}"], out[f"repr_{space}"])
+        out[f"gd_{space}_edges"] = w  # (B, 6)
+        out[f"gd_{space}_edge_logits"] = e  # (B, 6)
+
+    # ------------------------------------------------ 6. dictionary matching (Eq. 11-12)
+    dm_masks = frame_masks if s.key_padding_mask else None
+    dm_parts = []
+    if s.use_dm:
+      spaces = [("hetero", memory)]
+      if is_dhmd:
+        spaces.append(("homo", shared))
+      for space, seqs in spaces:
+        alpha, recon = DictionaryMatching(
+            s.dm_num_elements, s.dm_score_scale, s.dm_detach_input, name=f"dm_{space}")(
+                seqs, dm_masks)
+        out[f"dm_{space}_weights"] = alpha  # (B, 3, K)
+        out[f"dm_{space}_recon"] = recon  # (B, 3, C)
+        dm_parts.append(_flatten(recon))  # [hetero (3*2d), homo (3*d)]
+
+    # ------------------------------------------------ 7. fusion and final head
+    if not is_dhmd:
+      features = last_h  # MulT: plain concatenation
+    elif s.fusion == "code":
+      features = [jax.nn.sigmoid(torch_linear(2 * d, 2 * d, name=f"weight_{m}")(h))
+                  for m, h in zip(MODALITY_KEYS, last_h)]
+      features.append(jax.nn.sigmoid(torch_linear(3 * d, 3 * d, name="weight_c")(c_fusion)))
+    else:
+      features = last_h + [c_fusion]  # paper: GD-reinforced features, no gates
+    z = jnp.concatenate(features + dm_parts, axis=-1)  # (B, 9d [+ 9d]) or MulT (B, 6d [+ 6d])
+    out["prediction"] = ResidualHead(z.shape[-1], o, s.output_dropout, name="fusion_head")(
+        z, deterministic=deterministic)[0]  # (B, O)
+    return out
+
+
+def build_model(config, *, num_outputs: int) -> DHMD:
+  """The model for a full ConfigDict (`config.model`, `config.gd`, `config.dm`)."""
+  return DHMD(ModelSettings.from_config(config, num_outputs))
