@@ -131,7 +131,8 @@ def get_config():
   # squared Frobenius norm per sample, averaged over the batch).
   config.loss.recon_reduction = "mean"
   # L_ort: "torch19_batch_axis" (code under PyTorch 1.9: max(0, cos) taken across the batch for
-  # each (t, channel)) or "per_vector" (paper Eq. 5: cos of each (sample, t) feature vector).
+  # each (t, channel)), "per_vector" (paper Eq. 5: mean |cos| of each (sample, t) feature
+  # vector pair) or "per_vector_hinge" (max(0, cos) per vector: the DMD issue #6 workaround).
   config.loss.ort_mode = "torch19_batch_axis"
   # L_mar: "code" (adaptive margin scale*|y_i - y_k|, positives = identical label of any
   # modality, negatives = different label) or "paper" (Eq. 4: fixed margin, positives = same
@@ -168,9 +169,9 @@ def get_config():
   config.train.early_stop = 10
   # Cap on epochs (paper: 30; the DMD code has no cap).
   config.train.num_epochs = 30
-  # Optimizer steps per compiled chunk (one jitted lax.scan); the progress bar updates between
-  # chunks. 0 runs the whole epoch as one chunk.
-  config.train.steps_per_chunk = 0
+  # At most this many optimizer steps per compiled chunk (one jitted lax.scan, no host sync
+  # inside); the progress bar and the non-finite check run between chunks. 0 = whole epoch.
+  config.train.steps_per_chunk = 4
   # Evaluation batch size (padded; padding never reaches the metrics).
   config.train.eval_batch_size = 256
   # Evaluate the test split every epoch too (as the reference does; never used for selection).
