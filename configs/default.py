@@ -162,6 +162,10 @@ def get_config():
   # How the micro-batch gradients of one step are computed: "vmap" (all at once, faster) or
   # "scan" (one after another, less memory). Both give the same update.
   config.train.accumulate = "vmap"
+  # PRNG of the dropout masks: "threefry" (identical on any number of devices) or "rbg" (XLA's
+  # RngBitGenerator: far cheaper per number, which matters for unaligned data's (B, h, T, T)
+  # attention-dropout masks; masks then depend on the sharding).
+  config.train.dropout_rng = "threefry"
   # ReduceLROnPlateau on the validation MAE (PyTorch semantics, mode min, rel threshold 1e-4).
   config.train.plateau_factor = 0.5
   config.train.plateau_patience = 5

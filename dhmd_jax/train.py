@@ -76,10 +76,22 @@ def enable_compilation_cache(directory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
-def seed_keys(seeds):
-  """Per seed: (init, data order, dropout) keys, each stacked over seeds."""
+def seed_keys(seeds, dropout_rng="threefry"):
+  """Per seed: (init, data order, dropout) keys, each stacked over seeds.
+
+  `dropout_rng` picks the dropout keys' PRNG: "threefry" (JAX's default: the same masks on any
+  number of devices) or "rbg" (XLA's RngBitGenerator: much cheaper per random number, which
+  matters for the (B, h, T, T) attention-dropout masks of unaligned data, but its masks depend
+  on how the batch is sharded).
+  """
+  if dropout_rng not in ("threefry", "rbg"):
+    raise ValueError(f"config.train.dropout_rng must be 'threefry' or 'rbg', got {dropout_rng!r}")
   base = [jax.random.key(int(s)) for s in seeds]
-  return tuple(jnp.stack([jax.random.fold_in(k, i) for k in base]) for i in range(3))
+  keys = [jnp.stack([jax.random.fold_in(k, i) for k in base]) for i in range(3)]
+  if dropout_rng == "rbg":
+    keys[2] = jnp.stack([jax.random.fold_in(jax.random.key(int(s), impl="rbg"), 2)
+                         for s in seeds])
+  return tuple(keys)
 
 
 def selection_loss(task, preds, labels):
@@ -203,7 +215,7 @@ def train_and_evaluate(config, workdir):
             for name, arrays in host.items()}
 
   model = build(config, dataset)
-  init_keys, order_keys, dropout_keys = seed_keys(seeds)
+  init_keys, order_keys, dropout_keys = seed_keys(seeds, config.train.dropout_rng)
   sample = jax.tree.map(lambda a: a[:batch_size], device["train"])
   states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)),
                    out_shardings=parallel.replicated(mesh))(init_keys)
