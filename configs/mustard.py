@@ -1,14 +1,14 @@
 """MUStARD sarcasm detection (MultiBench `sarcasm.pkl`, labels -1/1 mapped to 0/1, cross-entropy).
 
-Model values from the paper's Table 1 column [4] (32 / 8 heads / 2 layers / kernels L5, V3, A5);
+Model values from the paper's Table 1 column [4] (d 32, 8 heads, 2 layers, kernels L5, V3, A5);
 dropouts from the DMD MOSI config (the paper gives none).
 """
 
-from configs import default as default_lib
+from configs import mosi
 
 
 def get_config():
-  config = default_lib.get_config()
+  config = mosi.get_config("aligned")
   config.dataset.name = "mustard"
   config.dataset.format = "multibench"
   config.dataset.task = "binary"
@@ -16,13 +16,5 @@ def get_config():
   config.model.d_model = 32  # Table 1 [4]
   config.model.num_heads = 8
   config.model.num_layers = 2
-  config.model.conv_kernel.text = 5
   config.model.conv_kernel.vision = 3
-  config.model.conv_kernel.audio = 5
-  config.model.text_dropout = 0.5
-  config.model.embed_dropout = 0.2
-  config.model.attn_dropout = 0.3
-  config.model.attn_dropout_a = 0.2
-  config.model.attn_dropout_v = 0.0
-  config.model.output_dropout = 0.5
   return config
