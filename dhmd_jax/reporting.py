@@ -129,12 +129,16 @@ class ProgressBar:
     self.done = 0
     self._last_draw = 0.0
     self._on_line = False  # a partial bar is on the terminal line
+    self._first_time = None
+    self._first_done = 0
     self.label = ""
 
   def update(self, done, label=""):
+    now = time.time()
+    if self._first_time is None:
+      self._first_time, self._first_done = now, done
     self.done = done
     self.label = label
-    now = time.time()
     if self.enabled and (now - self._last_draw >= self.interval or done >= self.total):
       self._last_draw = now
       self.stream.write("\r" + self.render(now) + "\033[K")
@@ -146,7 +150,10 @@ class ProgressBar:
     elapsed = now - self.start
     frac = min(self.done / self.total, 1.0)
     filled = int(round(frac * self.width))
-    rate = self.done / elapsed if elapsed > 0 else 0.0
+    # The rate counts from the first update on, so the first chunk's compilation does not
+    # inflate the ETA for the whole run.
+    since = now - self._first_time if self._first_time is not None else 0.0
+    rate = (self.done - self._first_done) / since if since > 0 else 0.0
     eta = (self.total - self.done) / rate if rate > 0 else float("nan")
     eta_text = _format_seconds(eta) if math.isfinite(eta) else "?"
     return (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
