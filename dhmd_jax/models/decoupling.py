@@ -32,6 +32,28 @@ def conv_frame_mask(mask: jax.Array, kernel_size: int) -> jax.Array:
   return jnp.all(windows, axis=0)
 
 
+class Conv1dValid(nn.Module):
+  """Conv1d with VALID padding and no bias, written as k shifted matrix products.
+
+  The parameter is `kernel` (k, C_in, C_out), as `flax.linen.Conv` stores it. Written with
+  matmuls instead of `lax.conv` because the seeds train under `jax.vmap`: a vmapped convolution
+  with per-seed weights becomes a grouped convolution, which XLA's CPU backend runs an order of
+  magnitude slower, while vmapped matmuls stay batched matmuls.
+  """
+  features: int
+  kernel_size: int
+
+  @nn.compact
+  def __call__(self, x):  # (B, T, C_in) -> (B, T - k + 1, C_out)
+    k = self.kernel_size
+    kernel = self.param("kernel", TORCH_CONV_INIT, (k, x.shape[-1], self.features))
+    t_out = x.shape[1] - k + 1
+    out = x[:, :t_out] @ kernel[0]
+    for i in range(1, k):
+      out = out + x[:, i:i + t_out] @ kernel[i]
+    return out
+
+
 class TemporalProjection(nn.Module):
   """C_m: Conv1d(D_m -> d, kernel k, VALID, no bias). (B, T, D_m) -> (B, T - k + 1, d)."""
   features: int
@@ -39,14 +61,12 @@ class TemporalProjection(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    return nn.Conv(self.features, (self.kernel_size,), padding="VALID", use_bias=False,
-                   kernel_init=TORCH_CONV_INIT, name="conv")(x)
+    return Conv1dValid(self.features, self.kernel_size, name="conv")(x)
 
 
-def _pointwise(features: int, name: str) -> nn.Conv:
+def _pointwise(features: int, name: str) -> Conv1dValid:
   """Conv1d(kernel 1, no bias), PyTorch default init."""
-  return nn.Conv(features, (1,), padding="VALID", use_bias=False, kernel_init=TORCH_CONV_INIT,
-                 name=name)
+  return Conv1dValid(features, 1, name=name)
 
 
 class Decoupled(NamedTuple):
