@@ -139,7 +139,11 @@ def make_run_chunk(train_step, mesh=None):
       return new_state, metrics
     return jax.lax.scan(body, state, (index, valid))
 
-  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0)), donate_argnums=0)
+  # Outputs replicated over the mesh, the layout the caller gives the inputs: a chunk's output
+  # state is the next chunk's input, and any change of sharding would recompile the step.
+  out_shardings = None if mesh is None else parallel.replicated(mesh)
+  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0)), donate_argnums=0,
+                 out_shardings=out_shardings)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "batch_size", "num_steps",

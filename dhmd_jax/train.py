@@ -223,6 +223,9 @@ def train_and_evaluate(config, workdir):
   best_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(states.params)
   sched = schedule.init_state(num_seeds, config.train.learning_rate)
 
+  # Every state handed to the compiled chunk has the chunk's own output layout (replicated over
+  # the mesh), so the step compiles once, not once more after the first chunk.
+  place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
   ckpt = checkpoint.Checkpointer(workdir)
   start_epoch = 1
   restored = ckpt.restore_latest(state=states, best_params=best_params)
@@ -236,7 +239,7 @@ def train_and_evaluate(config, workdir):
     sched = schedule.from_json(host_state["schedule"])
     start_epoch = epoch + 1
     print(f"resuming from the checkpoint of epoch {epoch} in {workdir}", flush=True)
-  states = steps.set_learning_rate(states, sched["lr"])
+  states = place(steps.set_learning_rate(states, sched["lr"]))
 
   train_step = steps.make_train_step(config, model)
   run_chunk = steps.make_run_chunk(train_step, mesh)
@@ -293,7 +296,7 @@ def train_and_evaluate(config, workdir):
           sched, epoch=epoch, valid_loss=valid_loss, factor=config.train.plateau_factor,
           patience=config.train.plateau_patience, early_stop=config.train.early_stop)
       best_params = steps.select_best(best_params, states.params, jnp.asarray(improved))
-      states = steps.set_learning_rate(states, sched["lr"])
+      states = place(steps.set_learning_rate(states, sched["lr"]))
       epochs_run = epoch
 
       record = {
