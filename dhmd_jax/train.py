@@ -111,14 +111,15 @@ def point_predictions(task, preds):
 
 def split_metrics(config, preds, labels):
   """{metric: [value per seed]} for one split."""
-  per_seed = [metrics_lib.compute_metrics(config.dataset.name
-                                          if config.dataset.name != "synthetic"
-                                          else _synthetic_family(config), p, labels)
+  per_seed = [metrics_lib.compute_metrics(metrics_dataset(config), p, labels)
               for p in point_predictions(config.dataset.task, preds)]
   return {k: [m[k] for m in per_seed] for k in per_seed[0]}
 
 
-def _synthetic_family(config):
+def metrics_dataset(config):
+  """The dataset whose metrics apply: synthetic data takes those of the data it imitates."""
+  if config.dataset.name != "synthetic":
+    return config.dataset.name
   if config.dataset.task == "binary":
     return "mustard"
   return "sims" if config.dataset.synthetic.like == "sims" else "synthetic"
@@ -184,9 +185,7 @@ def train_and_evaluate(config, workdir):
   task = config.dataset.task
   seeds = [int(s) for s in config.train.seeds]
   num_seeds = len(seeds)
-  family = reporting.metric_family(
-      config.dataset.name if config.dataset.name != "synthetic" else _synthetic_family(config),
-      task)
+  family = reporting.metric_family(metrics_dataset(config), task)
 
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
   print(data_lib.summarize(dataset), flush=True)
