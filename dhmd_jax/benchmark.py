@@ -49,6 +49,8 @@ _UPDATE_EPOCHS = flags.DEFINE_integer(
     "its per-step figures are for 1). samples/s counts every micro-batch.")
 _DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
                                  "config.train.dropout_rng for the step.")
+_QUERY_BLOCK = flags.DEFINE_integer(
+    "attention_query_block", None, "config.model.attention_query_block (default: the config's).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 # MOSEI shapes: (T, D) per modality.
@@ -64,6 +66,8 @@ def make_config(variant):
   config.train.update_epochs = _UPDATE_EPOCHS.value
   config.train.accumulate = _ACCUMULATE.value
   config.train.dropout_rng = _DROPOUT_RNG.value
+  if _QUERY_BLOCK.value is not None:
+    config.model.attention_query_block = _QUERY_BLOCK.value
   return config
 
 
@@ -115,6 +119,7 @@ class CaseResult:
   micro_batches: int
   seeds: int
   accumulate: str
+  attention_query_block: int
   compile_s: float
   ms_per_step: float
   samples_per_s: float
@@ -170,7 +175,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   start = time.perf_counter()
   jax.block_until_ready(predict(states.params, eval_data))
   eval_rate = 1024 * num_seeds / (time.perf_counter() - start)
-  return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds, config.train.accumulate,
+  return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
+                    config.train.accumulate, config.model.attention_query_block,
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     fraction)

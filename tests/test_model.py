@@ -30,6 +30,7 @@ from dhmd_jax.models.gd_unit import GDUnit
 from dhmd_jax.models.heads import torch_linear
 from dhmd_jax.models.transformer import TransformerEncoder
 from dhmd_jax.models.transformer import future_mask
+from dhmd_jax.models.transformer import query_blocks
 from dhmd_jax.models.transformer import positional_embedding
 
 _CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -412,6 +413,46 @@ def test_future_mask_brute_force(t_q, t_k):
   # Reference: triu(-inf, diagonal=1+|T_k-T_q|): entry (i, j) is masked iff j - i >= 1+|T_k-T_q|.
   want = np.array([[not (j - i >= 1 + abs(t_k - t_q)) for j in range(t_k)] for i in range(t_q)])
   np.testing.assert_array_equal(np.asarray(future_mask(t_q, t_k)), want)
+
+
+@pytest.mark.parametrize("t_q,t_k,block", [(10, 10, 3), (10, 10, 4), (7, 12, 2), (12, 7, 5),
+                                           (10, 10, 10), (10, 10, 0), (9, 30, 4)])
+def test_query_blocks_cover_every_visible_key_and_tile_the_queries(t_q, t_k, block):
+  blocks = query_blocks(t_q, t_k, True, block)
+  visible = np.asarray(future_mask(t_q, t_k))
+  rows = [r for q0, q1, _ in blocks for r in range(q0, q1)]
+  assert rows == list(range(t_q))  # in order, each query row once
+  for q0, q1, k_end in blocks:
+    assert not visible[q0:q1, k_end:].any()  # nothing visible is skipped
+  if block and t_q > block and t_q == t_k:  # square: the first block needs only `block` keys
+    assert len(blocks) > 1 and min(k for _, _, k in blocks) < t_k  # and something is skipped
+  assert query_blocks(t_q, t_k, False, block) == [(0, t_q, t_k)]
+
+
+@pytest.mark.parametrize("cross,key_padding", [(False, False), (True, False), (False, True)])
+def test_blocked_causal_attention_equals_one_block(cross, key_padding):
+  """Outputs and gradients do not depend on the query block size (deterministic mode)."""
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=(2, 11, 8)).astype(np.float32)
+  src = rng.normal(size=(2, 11, 8)).astype(np.float32) if cross else None
+  key_mask = None
+  if key_padding:
+    key_mask = np.ones((2, 11), bool)
+    key_mask[1, 6:] = False
+  results = []
+  for block in (0, 3, 4):
+    module = TransformerEncoder(num_heads=2, num_layers=2, causal_mask=True, query_block=block)
+    params = _transformer_params(module, x, src)  # same seed, same shapes: same parameters
+
+    def loss(p, inputs):
+      out = module.apply({"params": p}, inputs, src, key_mask=key_mask, deterministic=True)
+      return jnp.sum(jnp.sin(out)), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
+    results.append((out, grads))
+  for out, grads in results[1:]:
+    np.testing.assert_allclose(out, results[0][0], atol=2e-5)
+    chex.assert_trees_all_close(grads, results[0][1], atol=2e-4)
 
 
 def _transformer_params(module, x, source=None):

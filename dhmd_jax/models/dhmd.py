@@ -80,6 +80,7 @@ class ModelSettings:
   res_dropout: float
   output_dropout: float
   causal_mask: bool
+  attention_query_block: int
   key_padding_mask: bool
   homo_self_attention: bool
   fusion: str
@@ -105,7 +106,8 @@ class ModelSettings:
         attn_dropout=float(m.attn_dropout), attn_dropout_a=float(m.attn_dropout_a),
         attn_dropout_v=float(m.attn_dropout_v), relu_dropout=float(m.relu_dropout),
         res_dropout=float(m.res_dropout), output_dropout=float(m.output_dropout),
-        causal_mask=bool(m.causal_mask), key_padding_mask=bool(m.key_padding_mask),
+        causal_mask=bool(m.causal_mask),
+        attention_query_block=int(m.attention_query_block), key_padding_mask=bool(m.key_padding_mask),
         homo_self_attention=bool(m.homo_self_attention), fusion=m.fusion,
         unused_reference_layers=bool(m.unused_reference_layers),
         gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
@@ -131,6 +133,8 @@ class ModelSettings:
           f"an integer >= 4 divisible by model.num_heads = {self.num_heads}")
     if self.num_outputs < 1:
       bad("num_outputs (build_model argument)", self.num_outputs, "1 (regression) or 2 (binary)")
+    if self.attention_query_block < 0:
+      bad("model.attention_query_block", self.attention_query_block, "0 (off) or a block size")
     if min(self.conv_kernels) < 1:
       bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
 
@@ -189,7 +193,7 @@ class DHMD(nn.Module):
     return TransformerEncoder(
         num_heads=s.num_heads, num_layers=layers, attn_dropout=attn_dropout,
         relu_dropout=s.relu_dropout, res_dropout=s.res_dropout, embed_dropout=s.embed_dropout,
-        causal_mask=s.causal_mask, name=name)
+        causal_mask=s.causal_mask, query_block=s.attention_query_block, name=name)
 
   def _attn_dropout(self, source: str) -> float:
     """Attention dropout by SOURCE modality (`get_network` types l/al/vl, a/la/va, v/lv/av)."""

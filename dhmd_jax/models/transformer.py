@@ -17,6 +17,8 @@ of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of t
 * The key part of `in_proj_bias` is held out of the gradient (`stop_gradient`): the softmax
   cancels it, so its true gradient is exactly 0, and this keeps it exactly 0 in floating point.
 * Causal ("future") mask: query i sees keys j <= i + |T_k - T_q| (`buffered_future_mask`).
+  With `query_block` > 0, long causal attention is computed in blocks of query rows, each over
+  only the keys it can see (same outputs; about half the work on a 500 x 500 score matrix).
 * Key-padding mask (not in the DMD code, opt-in): keys whose frame mask is False get no weight; a
   query row with no visible key gets all-zero weights (so its attention output is out_proj's
   bias), never NaN.
@@ -82,19 +84,45 @@ def future_mask(t_q: int, t_k: int) -> jax.Array:
   return j <= i + abs(t_k - t_q)  # (T_q, T_k) bool
 
 
+def query_blocks(t_q: int, t_k: int, causal: bool, block: int):
+  """Static (q_start, q_end, k_end) blocks: query rows [q_start, q_end) need keys [0, k_end).
+
+  With the causal mask, query i sees keys j <= i + |T_k - T_q|, so a block of queries never needs
+  the keys past its last row's horizon: computing attention block by block skips the keys that
+  are masked for the whole block (about half of a long square score matrix) and gives the same
+  result, since a masked key gets exactly zero weight. `block <= 0`, no causal mask, or a block
+  that would not skip anything gives one block over everything.
+  """
+  if not causal or block <= 0 or t_q <= block:
+    return [(0, t_q, t_k)]
+  offset = abs(t_k - t_q)
+  blocks = [(start, min(start + block, t_q), min(t_k, min(start + block, t_q) + offset))
+            for start in range(0, t_q, block)]
+  if all(k_end == t_k for _, _, k_end in blocks):
+    return [(0, t_q, t_k)]
+  return blocks
+
+
 class MultiheadAttention(nn.Module):
   """Fairseq multi-head attention with a packed (q, k, v) input projection.
 
   Attributes:
     num_heads: number of heads h; head_dim = E / h.
     attn_dropout: dropout rate on the attention weights.
+    query_block: with a causal mask, compute attention in blocks of this many query rows, each
+      over only the keys it can see (`query_blocks`); 0 = one block.
   """
   num_heads: int
   attn_dropout: float = 0.0
+  query_block: int = 0
 
   @nn.compact
-  def __call__(self, query, key, value, mask: Optional[jax.Array], *, deterministic: bool):
-    """query (B, T_q, E); key, value (B, T_k, E); mask ~ (B, T_q, T_k) bool, True = visible."""
+  def __call__(self, query, key, value, *, causal: bool, key_mask: Optional[jax.Array],
+               deterministic: bool):
+    """query (B, T_q, E); key, value (B, T_k, E); key_mask (B, T_k) bool or None.
+
+    causal: apply the future mask (query i sees keys j <= i + |T_k - T_q|).
+    """
     b, t_q, e = query.shape
     t_k = key.shape[1]
     if e % self.num_heads:
@@ -112,18 +140,29 @@ class MultiheadAttention(nn.Module):
     q = q.reshape(b, t_q, self.num_heads, head_dim)
     k = k.reshape(b, t_k, self.num_heads, head_dim)
     v = v.reshape(b, t_k, self.num_heads, head_dim)
-    scores = jnp.einsum("bqhc,bkhc->bhqk", q, k)  # (B, h, T_q, T_k); Eq. 10 Q K^T / sqrt(d)
-    if mask is not None:
-      mask = jnp.broadcast_to(mask, (b, t_q, t_k))[:, None]  # (B, 1, T_q, T_k)
-      scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-    weights = jax.nn.softmax(scores, axis=-1)  # (B, h, T_q, T_k)
-    if mask is not None:
-      # A row with no visible key: zero weights instead of a uniform average over masked keys.
-      weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-    weights = nn.Dropout(self.attn_dropout)(weights, deterministic=deterministic)
-    out = jnp.einsum("bhqk,bkhc->bqhc", weights, v).reshape(b, t_q, e)  # (B, T_q, E)
+    dropout = nn.Dropout(self.attn_dropout)
+    outs = []
+    for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
+      # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
+      scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
+      mask = None
+      if causal:
+        mask = future_mask(t_q, t_k)[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
+      if key_mask is not None:
+        padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
+        mask = padding if mask is None else jnp.logical_and(mask, padding)
+      if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+      weights = jax.nn.softmax(scores, axis=-1)
+      if key_mask is not None:
+        # A row with no visible key: zero weights instead of a uniform average over masked
+        # keys. (The causal mask alone always leaves key 0 visible.)
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+      weights = dropout(weights, deterministic=deterministic)
+      outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
     return nn.Dense(e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
-                    name="out_proj")(out)
+                    name="out_proj")(out.reshape(b, t_q, e))  # (B, T_q, E)
 
 
 class TransformerEncoderLayer(nn.Module):
@@ -132,10 +171,12 @@ class TransformerEncoderLayer(nn.Module):
   attn_dropout: float = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
+  query_block: int = 0
 
   @nn.compact
-  def __call__(self, x, x_k=None, x_v=None, mask=None, *, deterministic: bool):
-    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention."""
+  def __call__(self, x, x_k=None, x_v=None, *, causal: bool, key_mask=None,
+               deterministic: bool):
+    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention; key_mask (B, T_k)."""
     e = x.shape[-1]
     norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
     residual = x
@@ -144,8 +185,9 @@ class TransformerEncoderLayer(nn.Module):
       k = v = x
     else:
       k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
-    x = MultiheadAttention(self.num_heads, self.attn_dropout, name="self_attn")(
-        x, k, v, mask, deterministic=deterministic)
+    x = MultiheadAttention(self.num_heads, self.attn_dropout, self.query_block,
+                           name="self_attn")(
+        x, k, v, causal=causal, key_mask=key_mask, deterministic=deterministic)
     x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
     x = residual + x
 
@@ -168,6 +210,8 @@ class TransformerEncoder(nn.Module):
     attn_dropout: dropout on attention weights (chosen by the caller from the SOURCE modality).
     relu_dropout, res_dropout, embed_dropout: the other dropout rates.
     causal_mask: apply the future mask with the |T_k - T_q| offset.
+    query_block: causal attention in blocks of this many query rows (0 = off); see
+      `query_blocks`. The same outputs, less work on long sequences.
   """
   num_heads: int
   num_layers: int
@@ -176,6 +220,7 @@ class TransformerEncoder(nn.Module):
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   causal_mask: bool = True
+  query_block: int = 0
 
   @nn.compact
   def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
@@ -207,15 +252,15 @@ class TransformerEncoder(nn.Module):
       h_k = h_v = None
       t_k = x.shape[1]
 
-    mask = None
-    if self.causal_mask:
-      mask = future_mask(x.shape[1], t_k)[None]  # (1, T_q, T_k)
     if key_mask is not None:
-      padding = key_mask.astype(bool)[:, None, :]  # (B, 1, T_k)
-      mask = padding if mask is None else jnp.logical_and(mask, padding)
-
+      key_mask = key_mask.astype(bool)
+      if key_mask.shape != (x.shape[0], t_k):
+        raise ValueError(f"key_mask has shape {key_mask.shape}; expected (B, T_k) = "
+                         f"{(x.shape[0], t_k)}")
     for i in range(self.num_layers):
       h = TransformerEncoderLayer(
           self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
-          name=f"layers_{i}")(h, h_k, h_v, mask, deterministic=deterministic)
+          self.query_block, name=f"layers_{i}")(
+              h, h_k, h_v, causal=self.causal_mask, key_mask=key_mask,
+              deterministic=deterministic)
     return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)

@@ -1,0 +1,167 @@
+"""Where a training step's time goes: a jax.profiler trace of the benchmark's step, summarised.
+
+  python experiments/profile_step.py --layout=aligned --batch=16 --variant=dmd --steps=5
+
+Traces `--steps` steps of the benchmark's jitted chunk (forward, losses, backward, Adam) with
+`jax.profiler`, reads the Perfetto JSON it writes, and attributes every executed XLA op (thunk)
+to the model part named in its HLO metadata (the Flax module path in `op_name`). Prints:
+- the step's wall time and how much of it the XLA ops account for (the rest is runtime overhead
+  between ops: thunk dispatch, synchronisation of the two worker threads);
+- the number of ops executed per step and their median duration;
+- time by op kind (dot/convolution, fusion, ...), by model part, and the top ops.
+The raw trace stays under `--trace_dir` for TensorBoard/Perfetto.
+"""
+
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from dhmd_jax import benchmark  # pylint: disable=g-import-not-at-top
+from dhmd_jax import steps
+from dhmd_jax import train as train_lib
+from dhmd_jax.models import dhmd as dhmd_model
+
+_LAYOUT = flags.DEFINE_enum("layout", "aligned", ["aligned", "unaligned"], "MOSEI layout.")
+_BATCH = flags.DEFINE_integer("batch", 16, "Batch size.")
+_SEEDS = flags.DEFINE_integer("seeds", 1, "Seeds trained together.")
+_PVARIANT = flags.DEFINE_enum("pvariant", "dmd", ["dmd", "dhmd"], "Model variant.")
+_PSTEPS = flags.DEFINE_integer("psteps", 5, "Steps traced.")
+_TRACE_DIR = flags.DEFINE_string("trace_dir", "/tmp/dhmd_profile", "Where the trace goes.")
+_TOP = flags.DEFINE_integer("top", 15, "Rows of the top-ops table.")
+
+# Model parts, matched in this order against the op's metadata op_name.
+PARTS = [
+    ("cross-modal transformers", r"trans_[lva]_with_"),
+    ("memory transformers", r"trans_[lva]_mem"),
+    ("homo self-attention transformers", r"self_attentions_c_"),
+    ("decoupling", r"decoupling|align_c_|proj_cosine"),
+    ("conv projections", r"proj_[lva]\b|proj_[lva]/"),
+    ("GD units", r"gd_(homo|hetero)"),
+    ("dictionary matching", r"dm_(homo|hetero)"),
+    ("heads and fusion", r"head|weight_"),
+    ("optimizer / accumulation", r"adam|scale_by|clip|ravel|unravel|inject_hyperparams"),
+]
+
+
+def op_metadata(hlo_text):
+  """{HLO instruction name: op_name metadata} from the compiled module's text."""
+  meta = {}
+  pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+  for line in hlo_text.splitlines():
+    m = pattern.match(line)
+    if m:
+      meta[m.group(1)] = m.group(2)
+  return meta
+
+
+def part_of(op_name):
+  # Backward ops carry `transpose(jvp(...))`; the module path is still in the name.
+  for part, pattern in PARTS:
+    if re.search(pattern, op_name):
+      return part
+  return "losses, RNG, gathers, other"
+
+
+def source_of(op_name):
+  """'jit(f)/.../trans_l_with_a/layers_2/self_attn/dot_general' -> 'self_attn/dot_general'."""
+  if not op_name:
+    return "(no metadata)"
+  parts = [p for p in op_name.split("/") if p]
+  backward = "transpose(" in op_name
+  tail = "/".join(parts[-2:])
+  tail = re.sub(r"layers_\d+", "layers_i", tail)
+  return ("bwd " if backward else "fwd ") + tail
+
+
+def main(argv):
+  del argv
+  config = benchmark.make_config(_PVARIANT.value)
+  model = dhmd_model.build_model(config, num_outputs=1)
+  batch, num_steps, num_seeds = _BATCH.value, _PSTEPS.value, _SEEDS.value
+  num = max(batch * num_steps, 256)
+  data = jax.device_put(benchmark.synthetic_arrays(_LAYOUT.value, num))
+  seeds = list(range(1111, 1111 + num_seeds))
+  keys = jnp.stack([jax.random.key(s) for s in seeds])
+  dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
+  sample = jax.tree.map(lambda a: a[:batch], data)
+  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
+                            micro_per_step=1)
+  active = jnp.ones(num_seeds, bool)
+  valid = jnp.ones(num_steps, bool)
+  args = (active, data, index, valid, dropout_keys)
+  hlo = run_chunk.lower(states, *args).compile().as_text()
+  meta = op_metadata(hlo)
+  os.makedirs(_TRACE_DIR.value, exist_ok=True)
+  with open(os.path.join(_TRACE_DIR.value, "module.hlo.txt"), "w") as f:
+    f.write(hlo)
+  states, metrics = run_chunk(states, *args)  # compile + warm up
+  jax.block_until_ready(metrics)
+
+  jax.profiler.start_trace(_TRACE_DIR.value, create_perfetto_trace=True)
+  start = time.perf_counter()
+  states, metrics = run_chunk(states, *args)
+  jax.block_until_ready(metrics)
+  wall = time.perf_counter() - start
+  jax.profiler.stop_trace()
+
+  trace = max(glob.glob(os.path.join(_TRACE_DIR.value, "**", "perfetto_trace.json.gz"),
+                        recursive=True), key=os.path.getmtime)
+  events = json.load(gzip.open(trace))
+  events = events["traceEvents"] if isinstance(events, dict) else events
+  ops = [e for e in events if e.get("ph") == "X" and "hlo_op" in e.get("args", {})
+         and not e["name"].startswith("end:")]
+  # Thunks of control flow (while loops, calls) contain other thunks: count leaves only.
+  container = re.compile(r"^(while|call|conditional)")
+  leaves = [e for e in ops if not container.match(e["args"]["hlo_op"])]
+  total_us = sum(e["dur"] for e in leaves)
+  threads = {e["tid"] for e in leaves}
+
+  by_kind, by_part, by_op, by_source = (collections.Counter() for _ in range(4))
+  count_kind = collections.Counter()
+  for e in leaves:
+    name = e["args"]["hlo_op"]
+    kind = re.sub(r"[.\d]+$", "", name)
+    by_kind[kind] += e["dur"]
+    count_kind[kind] += 1
+    by_part[part_of(meta.get(name, ""))] += e["dur"]
+    by_op[name] += e["dur"]
+    by_source[source_of(meta.get(name, ""))] += e["dur"]
+
+  per_step_ms = 1e3 * wall / num_steps
+  print(f"# Profile: {_PVARIANT.value} {_LAYOUT.value} batch {batch}, {num_seeds} seed(s), "
+        f"{num_steps} steps; {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  print(f"wall {per_step_ms:.1f} ms/step; XLA ops {1e-3 * total_us / num_steps:.1f} ms/step "
+        f"summed over {len(threads)} thread(s); {len(leaves) / num_steps:.0f} ops/step, median "
+        f"{statistics.median(e['dur'] for e in leaves):.1f} us, "
+        f"{sum(e['dur'] < 10 for e in leaves) / len(leaves):.0%} under 10 us")
+  def table(title, counter, counts=None):
+    print(f"\n| {title} | ms/step | share |" + (" ops/step |" if counts else ""))
+    print("|---|---|---|" + ("---|" if counts else ""))
+    for key, us in counter.most_common(_TOP.value):
+      row = f"| {key} | {1e-3 * us / num_steps:.2f} | {us / total_us:.1%} |"
+      if counts:
+        row += f" {counts[key] / num_steps:.0f} |"
+      print(row)
+  table("op kind", by_kind, count_kind)
+  table("model part", by_part)
+  table("jax operation (module / primitive; layers merged)", by_source)
+  table("op", by_op)
+  print(f"\ntrace: {trace}")
+
+
+if __name__ == "__main__":
+  app.run(main)
