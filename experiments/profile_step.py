@@ -56,13 +56,47 @@ PARTS = [
 
 
 def op_metadata(hlo_text):
-  """{HLO instruction name: op_name metadata} from the compiled module's text."""
-  meta = {}
-  pattern = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=.*?metadata=\{[^}]*op_name=\"([^\"]*)\"")
+  """{HLO instruction name: op_name metadata} from the compiled module's text.
+
+  Instructions that XLA created (many backward dots) carry no op_name of their own; such an
+  instruction gets the first op_name found inside the computation it calls, else that of its
+  first operand that has one (so it is counted with the module that produced its input).
+  """
+  instruction = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s")
+  op_name = re.compile(r"op_name=\"([^\"]*)\"")
+  calls = re.compile(r"calls=%?([\w.\-]+)")
+  header = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+  operand = re.compile(r"%([\w.\-]+)")
+  meta, inside, called, operands = {}, {}, {}, {}
+  computation = None
   for line in hlo_text.splitlines():
-    m = pattern.match(line)
-    if m:
-      meta[m.group(1)] = m.group(2)
+    h = header.match(line)
+    if h:
+      computation = h.group(1)
+      continue
+    m = instruction.match(line)
+    if not m:
+      continue
+    name = op_name.search(line)
+    if name:
+      meta[m.group(1)] = name.group(1)
+      if computation is not None:
+        inside.setdefault(computation, name.group(1))
+    else:
+      c = calls.search(line)
+      if c:
+        called[m.group(1)] = c.group(1)
+      args = line.split("=", 1)[1].split("metadata=")[0]
+      operands[m.group(1)] = [o for o in operand.findall(args) if o != m.group(1)]
+  for name, computation in called.items():
+    if computation in inside:
+      meta[name] = inside[computation]
+  for _ in range(3):  # chains of unnamed instructions
+    for name, args in operands.items():
+      if name not in meta:
+        named = [meta[a] for a in args if a in meta]
+        if named:
+          meta[name] = named[0]
   return meta
 
 
