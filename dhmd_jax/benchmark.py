@@ -51,6 +51,10 @@ _DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
                                  "config.train.dropout_rng for the step.")
 _QUERY_BLOCK = flags.DEFINE_integer(
     "attention_query_block", None, "config.model.attention_query_block (default: the config's).")
+_EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
+                                     "Samples per seed in the evaluation-throughput pass.")
+_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 256,
+                                   "Batch size of the evaluation pass (config.train.eval_batch_size).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 # MOSEI shapes: (T, D) per modality.
@@ -125,6 +129,7 @@ class CaseResult:
   samples_per_s: float
   step_gflops: float
   eval_samples_per_s: float
+  eval_batch_size: int
   cpu_peak_fraction: float | None
 
 
@@ -169,17 +174,17 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   achieved = flops * num_seeds / (best / num_steps)
   fraction = achieved / peak if (peak and jax.default_backend() == "cpu") else None
 
-  predict = steps.make_predict(model, batch_size=256)
-  eval_data = jax.device_put(synthetic_arrays(layout, 1024, seed=1))
+  predict = steps.make_predict(model, batch_size=_EVAL_BATCH.value)
+  eval_data = jax.device_put(synthetic_arrays(layout, _EVAL_SAMPLES.value, seed=1))
   jax.block_until_ready(predict(states.params, eval_data))
   start = time.perf_counter()
   jax.block_until_ready(predict(states.params, eval_data))
-  eval_rate = 1024 * num_seeds / (time.perf_counter() - start)
+  eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
                     config.train.accumulate, config.model.attention_query_block,
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
-                    fraction)
+                    _EVAL_BATCH.value, fraction)
 
 
 def environment():

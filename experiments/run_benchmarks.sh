@@ -15,5 +15,6 @@ run() {  # name, then benchmark flags
 }
 run aligned --variant=both --cases=aligned:16:1,aligned:64:1,aligned:16:5,aligned:64:5 \
   --steps=10 --repeats=3
-run unaligned_1seed --variant=both --cases=unaligned:16:1,unaligned:64:1 --steps=2 --repeats=2
-run unaligned_5seeds --variant=dmd --cases=unaligned:16:5 --steps=1 --repeats=1
+run unaligned_1seed --variant=both --cases=unaligned:16:1 --steps=2 --repeats=2
+run unaligned_1seed_b64 --variant=dmd --cases=unaligned:64:1 --steps=2 --repeats=2
+run unaligned_5seeds --variant=dmd --cases=unaligned:16:5 --steps=1 --repeats=1 --eval_samples=64
