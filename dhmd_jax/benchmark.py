@@ -21,6 +21,7 @@ import platform
 import resource
 import sys
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -133,9 +134,25 @@ class CaseResult:
   cpu_peak_fraction: float | None
 
 
-def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
-  config = make_config(variant)
-  model = dhmd_model.build_model(config, num_outputs=1)
+@dataclasses.dataclass
+class Chunk:
+  """A jitted training chunk over synthetic MOSEI-shaped data and its inputs:
+  `run_chunk(states, *chunk.args)` runs it (see `steps.make_run_chunk`)."""
+  run_chunk: Any
+  states: Any  # stacked TrainState of the seeds
+  active: jax.Array  # (S,)
+  data: dict  # (N, ...) arrays
+  index: jax.Array  # (S, K, U, B)
+  valid: jax.Array  # (K,)
+  dropout_keys: jax.Array  # (S,)
+
+  @property
+  def args(self):
+    return (self.active, self.data, self.index, self.valid, self.dropout_keys)
+
+
+def make_chunk(config, model, layout, batch, num_seeds, num_steps):
+  """Initial states of `num_seeds` seeds and a chunk of `num_steps` steps (the timed unit)."""
   micro = config.train.update_epochs
   num = max(batch * micro * num_steps, 256)
   data = jax.device_put(synthetic_arrays(layout, num))
@@ -147,17 +164,25 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
   index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
                             micro_per_step=micro)
-  active = jnp.ones(num_seeds, bool)
-  valid = jnp.ones(num_steps, bool)
+  return Chunk(run_chunk, states, jnp.ones(num_seeds, bool), data, index,
+               jnp.ones(num_steps, bool), dropout_keys)
+
+
+def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
+  config = make_config(variant)
+  model = dhmd_model.build_model(config, num_outputs=1)
+  micro = config.train.update_epochs
+  chunk = make_chunk(config, model, layout, batch, num_seeds, num_steps)
+  run_chunk, states, args = chunk.run_chunk, chunk.states, chunk.args
 
   start = time.perf_counter()
-  states, metrics = run_chunk(states, active, data, index, valid, dropout_keys)
+  states, metrics = run_chunk(states, *args)
   jax.block_until_ready(metrics)
   first = time.perf_counter() - start
   times = []
   for _ in range(repeats):
     start = time.perf_counter()
-    states, metrics = run_chunk(states, active, data, index, valid, dropout_keys)
+    states, metrics = run_chunk(states, *args)
     jax.block_until_ready(metrics)
     times.append(time.perf_counter() - start)
   best = min(times)
@@ -165,9 +190,9 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
 
   # FLOPs of one optimizer step of one seed (XLA's count for the compiled step).
   one_state = jax.tree.map(lambda a: a[0], states)
-  one_batch = jax.tree.map(lambda a: a[index[0, 0]], data)
+  one_batch = jax.tree.map(lambda a: a[chunk.index[0, 0]], chunk.data)
   step = jax.jit(steps.make_train_step(config, model))
-  cost = step.lower(one_state, one_batch, dropout_keys[0]).cost_analysis()  # no second compile
+  cost = step.lower(one_state, one_batch, chunk.dropout_keys[0]).cost_analysis()  # no second compile
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   peak, _ = cpu_peak_flops()

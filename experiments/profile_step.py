@@ -1,12 +1,12 @@
 """Where a training step's time goes: a jax.profiler trace of the benchmark's step, summarised.
 
-  python experiments/profile_step.py --layout=aligned --batch=16 --variant=dmd --steps=5
+  python experiments/profile_step.py --layout=aligned --batch=16 --pvariant=dmd --psteps=5
 
-Traces `--steps` steps of the benchmark's jitted chunk (forward, losses, backward, Adam) with
+Traces `--psteps` steps of the benchmark's jitted chunk (forward, losses, backward, Adam) with
 `jax.profiler`, reads the Perfetto JSON it writes, and attributes every executed XLA op (thunk)
 to the model part named in its HLO metadata (the Flax module path in `op_name`). Prints:
-- the step's wall time and how much of it the XLA ops account for (the rest is runtime overhead
-  between ops: thunk dispatch, synchronisation of the two worker threads);
+- the step's wall time and the XLA ops' time summed over the runtime's threads (against the
+  wall time and the core count: how busy the cores are);
 - the number of ops executed per step and their median duration;
 - time by op kind (dot/convolution, fusion, ...), by model part, and the top ops.
 The raw trace stays under `--trace_dir` for TensorBoard/Perfetto.
@@ -25,12 +25,9 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dhmd_jax import benchmark  # pylint: disable=g-import-not-at-top
-from dhmd_jax import steps
-from dhmd_jax import train as train_lib
 from dhmd_jax.models import dhmd as dhmd_model
 
 _LAYOUT = flags.DEFINE_enum("layout", "aligned", ["aligned", "unaligned"], "MOSEI layout.")
@@ -124,30 +121,20 @@ def main(argv):
   config = benchmark.make_config(_PVARIANT.value)
   model = dhmd_model.build_model(config, num_outputs=1)
   batch, num_steps, num_seeds = _BATCH.value, _PSTEPS.value, _SEEDS.value
-  num = max(batch * num_steps, 256)
-  data = jax.device_put(benchmark.synthetic_arrays(_LAYOUT.value, num))
-  seeds = list(range(1111, 1111 + num_seeds))
-  keys = jnp.stack([jax.random.key(s) for s in seeds])
-  dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
-  sample = jax.tree.map(lambda a: a[:batch], data)
-  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
-  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
-  index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
-                            micro_per_step=1)
-  active = jnp.ones(num_seeds, bool)
-  valid = jnp.ones(num_steps, bool)
-  args = (active, data, index, valid, dropout_keys)
-  hlo = run_chunk.lower(states, *args).compile().as_text()
+  chunk = benchmark.make_chunk(config, model, _LAYOUT.value, batch, num_seeds, num_steps)
+  # Compile once and run that executable, so the traced op names are those of this HLO text.
+  compiled = chunk.run_chunk.lower(chunk.states, *chunk.args).compile()
+  hlo = compiled.as_text()
   meta = op_metadata(hlo)
   os.makedirs(_TRACE_DIR.value, exist_ok=True)
   with open(os.path.join(_TRACE_DIR.value, "module.hlo.txt"), "w") as f:
     f.write(hlo)
-  states, metrics = run_chunk(states, *args)  # compile + warm up
+  states, metrics = compiled(chunk.states, *chunk.args)  # warm up
   jax.block_until_ready(metrics)
 
   jax.profiler.start_trace(_TRACE_DIR.value, create_perfetto_trace=True)
   start = time.perf_counter()
-  states, metrics = run_chunk(states, *args)
+  states, metrics = compiled(states, *chunk.args)
   jax.block_until_ready(metrics)
   wall = time.perf_counter() - start
   jax.profiler.stop_trace()

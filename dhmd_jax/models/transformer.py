@@ -141,13 +141,14 @@ class MultiheadAttention(nn.Module):
     k = k.reshape(b, t_k, self.num_heads, head_dim)
     v = v.reshape(b, t_k, self.num_heads, head_dim)
     dropout = nn.Dropout(self.attn_dropout)
+    visible = future_mask(t_q, t_k) if causal else None  # (T_q, T_k)
     outs = []
     for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
       # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
       scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
       mask = None
       if causal:
-        mask = future_mask(t_q, t_k)[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
+        mask = visible[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
       if key_mask is not None:
         padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
         mask = padding if mask is None else jnp.logical_and(mask, padding)
