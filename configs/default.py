@@ -82,6 +82,9 @@ def get_config():
   # are one block). 0 = one block always. Deterministic outputs are the same; dropout draws its
   # masks per block.
   config.model.attention_query_block = 64
+  # Recompute each transformer layer's activations in the backward pass instead of keeping them
+  # (jax.checkpoint): the same numbers, less memory for long (unaligned) sequences, more compute.
+  config.model.remat = False
   # Mask zero-padded frames of unaligned data as attention keys (not in the DMD code; opt-in).
   config.model.key_padding_mask = False
   # DMD code: an extra self-attention transformer over the shared features c_m whose last step

@@ -11,6 +11,7 @@ then spans all hosts' devices (`jax.devices()`), and every host runs the same co
 """
 
 import jax
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -37,6 +38,26 @@ def check_divisible(mesh, batch_size, what):
 
 def replicated(mesh):
   return NamedSharding(mesh, P())
+
+
+def replicate(tree, mesh):
+  """`jax.device_put(tree, replicated(mesh))` that also works when the mesh spans processes.
+
+  With several processes, `device_put` onto a sharding that holds other processes' devices takes
+  only plain ndarrays, scalars and uncommitted jax.Arrays (and checks that every process passes
+  the same value): not the datasets' np.memmap arrays, nor typed PRNG key arrays. Those are
+  converted here (a memmap to an ndarray view, a key array to its key data and back).
+  """
+  sharding = replicated(mesh)
+
+  def put(x):
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(put(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    if isinstance(x, np.ndarray):
+      x = np.asarray(x)
+    return jax.device_put(x, sharding)
+
+  return jax.tree.map(put, tree)
 
 
 def batch_sharding(mesh, batch_axis):

@@ -28,7 +28,8 @@ from dhmd_jax.models.dictionary import DictionaryMatching
 from dhmd_jax.models.gd_unit import EDGE_PAIRS
 from dhmd_jax.models.gd_unit import GDUnit
 from dhmd_jax.models.heads import torch_linear
-from dhmd_jax.models.transformer import TransformerEncoder
+from dhmd_jax.models import transformer
+from dhmd_jax.models.transformer import TransformerStack
 from dhmd_jax.models.transformer import future_mask
 from dhmd_jax.models.transformer import query_blocks
 from dhmd_jax.models.transformer import positional_embedding
@@ -209,8 +210,11 @@ def test_real_mosei_config():
   kernels = (config.model.conv_kernel.text, config.model.conv_kernel.vision,
              config.model.conv_kernel.audio)
   _check_shapes(out, config, (50, 50, 50), kernels, 2, 1)
-  layers = shapes["trans_l_mem"]
-  assert sorted(k for k in layers if k.startswith("layers_")) == [f"layers_{i}" for i in range(4)]
+  # Three stacks: (branches, layers, ...) on every transformer parameter.
+  chex.assert_shape(shapes["self_attentions_c"]["in_proj_kernel"], (3, 4, 30, 90))
+  chex.assert_shape(shapes["cross_transformers"]["fc1_kernel"], (6, 4, 30, 120))
+  chex.assert_shape(shapes["memory_transformers"]["out_proj_kernel"], (3, 4, 60, 60))
+  chex.assert_shape(shapes["memory_transformers"]["layer_norm_scale"], (3, 60))
   chex.assert_shape(shapes["homo_head_l"]["proj1"]["kernel"], (46 * 30, 30))
 
 
@@ -441,11 +445,11 @@ def test_blocked_causal_attention_equals_one_block(cross, key_padding):
     key_mask[1, 6:] = False
   results = []
   for block in (0, 3, 4):
-    module = TransformerEncoder(num_heads=2, num_layers=2, causal_mask=True, query_block=block)
+    module = TransformerStack(num_heads=2, num_layers=2, causal_mask=True, query_block=block)
     params = _transformer_params(module, x, src)  # same seed, same shapes: same parameters
 
     def loss(p, inputs):
-      out = module.apply({"params": p}, inputs, src, key_mask=key_mask, deterministic=True)
+      out = module.apply({"params": p}, inputs, src, key_masks=key_mask, deterministic=True)
       return jnp.sum(jnp.sin(out)), out
 
     (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))(params, x)
@@ -462,53 +466,62 @@ def _transformer_params(module, x, source=None):
   return random_params(shapes, seed=3)
 
 
-def test_transformer_dropout_sites():
-  """Rate and order of every dropout of a cross-modal layer (the model test runs dropout)."""
+def test_transformer_dropout_sites(monkeypatch):
+  """Order and rate of every dropout of a cross-modal layer (the model test runs dropout)."""
   x = np.random.default_rng(0).normal(size=(2, 5, 8)).astype(np.float32)
-  module = TransformerEncoder(num_heads=2, num_layers=1, embed_dropout=0.1, attn_dropout=0.2,
-                              relu_dropout=0.3, res_dropout=0.4)
+  module = TransformerStack(num_heads=2, num_layers=1, embed_dropout=0.1, attn_dropout=0.2,
+                            relu_dropout=0.3, res_dropout=0.4)
   sites = []
+  original = transformer._dropout
 
-  def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, nn.Dropout):
-      sites.append(context.module.rate)
-    return next_fun(*args, **kwargs)
+  def record(x, rate, key, active):
+    sites.append((x.shape[-2:], active))
+    return original(x, rate, key, active)
 
-  with nn.intercept_methods(record):
-    _transformer_params(module, x, x)
+  monkeypatch.setattr(transformer, "_dropout", record)
+  params = _transformer_params(module, x, x)
+  sites.clear()
+  module.apply({"params": params}, x, x, deterministic=False, rngs={"dropout": jax.random.key(0)})
   # embed: query, key, value (separate masks); attention weights; res; relu; res.
-  assert sites == [0.1, 0.1, 0.1, 0.2, 0.4, 0.3, 0.4]
+  assert sites == [((5, 8), True)] * 3 + [((5, 5), True), ((5, 8), True), ((5, 32), True),
+                                          ((5, 8), True)]
+  # The rate reaches the mask as given, also as a traced per-branch value under vmap.
+  rates = jnp.array([0.0, 0.3, 0.75])
+  kept = jax.vmap(lambda r, k: jnp.mean(original(jnp.ones(20000), r, k, True) != 0))(
+      rates, jax.random.split(jax.random.key(1), 3))
+  np.testing.assert_allclose(kept, 1 - rates, atol=0.015)
 
 
 def test_transformer_init_matches_reference():
-  """xavier-uniform in_proj / out_proj / fc with zero biases; LayerNorms (1, 0); shapes."""
+  """xavier-uniform in_proj / out_proj / fc per branch and layer, zero biases, LayerNorms (1, 0)."""
   e = 8
-  module = TransformerEncoder(num_heads=2, num_layers=1)
+  module = TransformerStack(num_heads=2, num_layers=2)
   x = jnp.ones((1, 3, e))
-  params = jax.jit(lambda k: module.init(k, x, x, deterministic=True))(jax.random.key(0))
-  layer = params["params"]["layers_0"]
-  attn = layer["self_attn"]
-  chex.assert_shape([attn["in_proj_kernel"], attn["in_proj_bias"]], [(e, 3 * e), (3 * e,)])
+  params = jax.jit(lambda k: module.init(k, [x, x, x], deterministic=True))(jax.random.key(0))
+  p = params["params"]
+  chex.assert_shape([p["in_proj_kernel"], p["in_proj_bias"], p["layer_norm_scale"]],
+                    [(3, 2, e, 3 * e), (3, 2, 3 * e), (3, e)])
   xavier = {"in_proj_kernel": math.sqrt(6 / (e + 3 * e)),  # torch (3E, E) weight
-            "out_proj": math.sqrt(6 / (2 * e)), "fc1": math.sqrt(6 / (5 * e)),
-            "fc2": math.sqrt(6 / (5 * e))}
-  kernels = {"in_proj_kernel": attn["in_proj_kernel"], "out_proj": attn["out_proj"]["kernel"],
-             "fc1": layer["fc1"]["kernel"], "fc2": layer["fc2"]["kernel"]}
-  for name, kernel in kernels.items():
-    assert 0.7 * xavier[name] < np.abs(kernel).max() <= xavier[name], name
-  for bias in (attn["in_proj_bias"], attn["out_proj"]["bias"], layer["fc1"]["bias"],
-               layer["fc2"]["bias"]):
-    np.testing.assert_array_equal(bias, 0.0)
-  for norm in (layer["layer_norm_0"], layer["layer_norm_1"], params["params"]["layer_norm"]):
-    np.testing.assert_array_equal(norm["scale"], 1.0)
-    np.testing.assert_array_equal(norm["bias"], 0.0)
+            "out_proj_kernel": math.sqrt(6 / (2 * e)), "fc1_kernel": math.sqrt(6 / (5 * e)),
+            "fc2_kernel": math.sqrt(6 / (5 * e))}
+  for name, bound in xavier.items():
+    for g in range(3):
+      for layer in range(2):  # every slice is its own xavier-uniform matrix
+        kernel = p[name][g, layer]
+        assert 0.7 * bound < np.abs(kernel).max() <= bound, name
+    assert not np.allclose(p[name][0], p[name][1])  # branches are not copies
+  for name in ("in_proj_bias", "out_proj_bias", "fc1_bias", "fc2_bias", "layer_norm_0_bias",
+               "layer_norm_1_bias", "layer_norm_bias"):
+    np.testing.assert_array_equal(p[name], 0.0)
+  for name in ("layer_norm_0_scale", "layer_norm_1_scale", "layer_norm_scale"):
+    np.testing.assert_array_equal(p[name], 1.0)
 
 
 def test_causal_mask_hides_the_future():
   rng = np.random.default_rng(0)
   x = rng.normal(size=(1, 4, 8)).astype(np.float32)
   src = rng.normal(size=(1, 6, 8)).astype(np.float32)  # offset |6 - 4| = 2
-  module = TransformerEncoder(num_heads=2, num_layers=2, causal_mask=True)
+  module = TransformerStack(num_heads=2, num_layers=2, causal_mask=True)
   params = _transformer_params(module, x, src)
   base = module.apply({"params": params}, x, src, deterministic=True)
   src2 = src.copy()
@@ -526,7 +539,7 @@ def test_key_padding_mask_ignores_padded_content(cross, causal):
   key_mask = np.ones(src.shape[:2], bool)
   key_mask[0, 4:] = False
   key_mask[1, 2:] = False
-  module = TransformerEncoder(num_heads=2, num_layers=2, causal_mask=causal)
+  module = TransformerStack(num_heads=2, num_layers=2, causal_mask=causal)
   params = _transformer_params(module, x, src if cross else None)
   garbage = src.copy()
   garbage[~key_mask] = rng.normal(size=garbage[~key_mask].shape) * 5
@@ -538,7 +551,7 @@ def test_key_padding_mask_ignores_padded_content(cross, causal):
     real_queries = key_mask
 
   def run(q, s, mask):
-    return np.asarray(module.apply({"params": params}, q, s if cross else None, key_mask=mask,
+    return np.asarray(module.apply({"params": params}, q, s if cross else None, key_masks=mask,
                                    deterministic=True))
 
   base = run(x, src, key_mask)
@@ -553,15 +566,15 @@ def test_masked_rows_finite_and_key_bias_has_no_gradient():
   """A query with no visible key gives zeros, not NaN; the key bias gets exactly 0 gradient."""
   x = np.random.default_rng(0).normal(size=(2, 3, 8)).astype(np.float32)
   key_mask = np.array([[False] * 3, [True, True, False]])  # sample 0: no visible key at all
-  module = TransformerEncoder(num_heads=2, num_layers=1, causal_mask=False)
+  module = TransformerStack(num_heads=2, num_layers=1, causal_mask=False)
   params = _transformer_params(module, x, x)
 
   def run(p):
-    return module.apply({"params": p}, x, x, key_mask=key_mask, deterministic=True)
+    return module.apply({"params": p}, x, x, key_masks=key_mask, deterministic=True)
 
   value, grads = jax.jit(jax.value_and_grad(lambda p: jnp.sum(run(p) ** 2)))(params)
   chex.assert_tree_all_finite((run(params), value, grads))
-  bias_grad = np.asarray(grads["layers_0"]["self_attn"]["in_proj_bias"])  # (3E,) = [q, k, v]
+  bias_grad = np.asarray(grads["in_proj_bias"][0, 0])  # (3E,) = [q, k, v]
   np.testing.assert_array_equal(bias_grad[8:16], 0.0)
   assert np.any(bias_grad[:8]) and np.any(bias_grad[16:])
 
@@ -574,7 +587,7 @@ def test_attention_dropout_is_routed_by_source_modality():
   seen = {}
 
   def record(next_fun, args, kwargs, context):
-    if isinstance(context.module, TransformerEncoder) and context.method_name == "__call__":
+    if isinstance(context.module, TransformerStack) and context.method_name == "__call__":
       seen[context.module.name] = (context.module.attn_dropout, context.module.num_layers)
     return next_fun(*args, **kwargs)
 
@@ -582,12 +595,10 @@ def test_attention_dropout_is_routed_by_source_modality():
     abstract_init(model, make_batch(TINY_LENGTHS, TINY_DIMS))
   l, v, a = 0.11, 0.22, 0.33
   assert seen == {
-      "self_attentions_c_l": (l, 1), "self_attentions_c_v": (v, 1),
-      "self_attentions_c_a": (a, 1),
-      "trans_l_with_a": (a, 1), "trans_l_with_v": (v, 1),
-      "trans_v_with_l": (l, 1), "trans_v_with_a": (a, 1),
-      "trans_a_with_l": (l, 1), "trans_a_with_v": (v, 1),
-      "trans_l_mem": (l, 3), "trans_v_mem": (l, 3), "trans_a_mem": (l, 3)}
+      "self_attentions_c": ((l, v, a), 1),  # by its own modality
+      # l<-a, l<-v, v<-l, v<-a, a<-l, a<-v: by the SOURCE modality
+      "cross_transformers": ((a, v, l, a, l, v), 1),
+      "memory_transformers": ((l, l, l), 3)}
 
 
 # ---------------------------------------------------------------- key padding at model level
@@ -677,5 +688,5 @@ def test_bad_inputs_fail_with_a_message():
     build_model(tiny_config(attention_query_block=-1), num_outputs=1)
   x = jnp.ones((2, 5, 8))
   with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\); expected"):
-    TransformerEncoder(num_heads=2, num_layers=1).init(
-        jax.random.key(0), x, key_mask=jnp.ones((2, 4), bool), deterministic=True)
+    TransformerStack(num_heads=2, num_layers=1).init(
+        jax.random.key(0), x, key_masks=jnp.ones((2, 4), bool), deterministic=True)

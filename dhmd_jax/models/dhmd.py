@@ -51,7 +51,7 @@ from dhmd_jax.models.dictionary import DictionaryMatching
 from dhmd_jax.models.gd_unit import GDUnit
 from dhmd_jax.models.heads import ResidualHead
 from dhmd_jax.models.heads import torch_linear
-from dhmd_jax.models.transformer import TransformerEncoder
+from dhmd_jax.models.transformer import TransformerStack
 
 BATCH_KEYS = ("text", "vision", "audio")  # model order (L, V, A)
 # Sources of the two cross-modal transformers of each target, in the DMD code's concat order.
@@ -92,6 +92,7 @@ class ModelSettings:
   dm_num_elements: int
   dm_score_scale: str
   dm_detach_input: bool
+  remat: bool = False
 
   @classmethod
   def from_config(cls, config, num_outputs: int) -> "ModelSettings":
@@ -113,7 +114,7 @@ class ModelSettings:
         gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
         gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
         dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
-        dm_detach_input=bool(dm.detach_input))
+        dm_detach_input=bool(dm.detach_input), remat=bool(m.remat))
     settings.validate()
     return settings
 
@@ -188,12 +189,13 @@ class DHMD(nn.Module):
   """DHMD / DMD / MulT-baseline model (see the module docstring)."""
   settings: ModelSettings
 
-  def _transformer(self, name: str, attn_dropout: float, layers: int) -> TransformerEncoder:
+  def _stack(self, name: str, attn_dropout, layers: int) -> TransformerStack:
     s = self.settings
-    return TransformerEncoder(
-        num_heads=s.num_heads, num_layers=layers, attn_dropout=attn_dropout,
+    return TransformerStack(
+        num_heads=s.num_heads, num_layers=layers, attn_dropout=tuple(attn_dropout),
         relu_dropout=s.relu_dropout, res_dropout=s.res_dropout, embed_dropout=s.embed_dropout,
-        causal_mask=s.causal_mask, query_block=s.attention_query_block, name=name)
+        causal_mask=s.causal_mask, query_block=s.attention_query_block, remat=s.remat,
+        name=name)
 
   def _attn_dropout(self, source: str) -> float:
     """Attention dropout by SOURCE modality (`get_network` types l/al/vl, a/la/va, v/lv/av)."""
@@ -253,10 +255,10 @@ class DHMD(nn.Module):
       out["logits_homo"] = jnp.stack([h[0] for h in homo])  # (3, B, O)
       out["repr_homo"] = jnp.stack([h[1] for h in homo])  # (3, B, d), post-ReLU r
       if s.homo_self_attention:
-        attended = [
-            self._transformer(f"self_attentions_c_{m}", self._attn_dropout(m), s.num_layers)(
-                c, key_mask=km, deterministic=deterministic)  # (B, T'_m, d)
-            for m, c, km in zip(MODALITY_KEYS, shared, key_masks)]
+        attended = self._stack(  # three self-attention transformers on c_m, as one
+            "self_attentions_c", [self._attn_dropout(m) for m in MODALITY_KEYS], s.num_layers)(
+                list(shared), key_masks=list(key_masks) if s.key_padding_mask else None,
+                deterministic=deterministic)  # 3 x (B, T'_m, d)
         c_fusion = jnp.concatenate(
             [_last_step(a, km) for a, km in zip(attended, key_masks)], axis=-1)  # (B, 3d)
         out["logits_c"] = ResidualHead(3 * d, o, s.output_dropout, name="head_c")(
@@ -268,24 +270,27 @@ class DHMD(nn.Module):
     # ------------------------------------------------ 4. heterogeneous branch (Eq. 10)
     by_key = dict(zip(MODALITY_KEYS, private))
     mask_by_key = dict(zip(MODALITY_KEYS, key_masks))
-    memory, last_h, hetero = [], [], []
-    for m in MODALITY_KEYS:
-      if s.use_ca:
-        parts = [
-            self._transformer(f"trans_{m}_with_{src}", self._attn_dropout(src), s.num_layers)(
-                by_key[m], by_key[src], key_mask=mask_by_key[src],
-                deterministic=deterministic)  # (B, T'_m, d), query m, key/value src
-            for src in CROSS_SOURCES[m]]
-        z = jnp.concatenate(parts, axis=-1)  # (B, T'_m, 2d)
-      else:
-        z = torch_linear(2 * d, d, name=f"proj_{m}_2d")(by_key[m])  # (B, T'_m, 2d), no CA
-      seq = self._transformer(f"trans_{m}_mem", s.attn_dropout, max(s.num_layers, 3))(
-          z, key_mask=mask_by_key[m], deterministic=deterministic)  # (B, T'_m, 2d)
-      h = _last_step(seq, mask_by_key[m])  # (B, 2d)
-      memory.append(seq)
-      last_h.append(h)
-      hetero.append(ResidualHead(2 * d, o, s.output_dropout, name=f"hetero_head_{m}")(
-          h, deterministic=deterministic))
+    if s.use_ca:
+      # The six cross-modal transformers (query m, key/value src) as one stack, in the order
+      # l<-a, l<-v, v<-l, v<-a, a<-l, a<-v; attention dropout by the SOURCE modality.
+      pairs = [(m, src) for m in MODALITY_KEYS for src in CROSS_SOURCES[m]]
+      crossed = self._stack(
+          "cross_transformers", [self._attn_dropout(src) for _, src in pairs], s.num_layers)(
+              [by_key[m] for m, _ in pairs], [by_key[src] for _, src in pairs],
+              key_masks=[mask_by_key[src] for _, src in pairs] if s.key_padding_mask else None,
+              deterministic=deterministic)  # 6 x (B, T'_m, d)
+      z = [jnp.concatenate(crossed[2 * i:2 * i + 2], axis=-1)
+           for i in range(3)]  # 3 x (B, T'_m, 2d)
+    else:
+      z = [torch_linear(2 * d, d, name=f"proj_{m}_2d")(by_key[m])  # (B, T'_m, 2d), no CA
+           for m in MODALITY_KEYS]
+    memory = self._stack(  # the three 2d "memory" transformers, as one
+        "memory_transformers", [s.attn_dropout] * 3, max(s.num_layers, 3))(
+            z, key_masks=list(key_masks) if s.key_padding_mask else None,
+            deterministic=deterministic)  # 3 x (B, T'_m, 2d)
+    last_h = [_last_step(seq, km) for seq, km in zip(memory, key_masks)]  # 3 x (B, 2d)
+    hetero = [ResidualHead(2 * d, o, s.output_dropout, name=f"hetero_head_{m}")(
+                  h, deterministic=deterministic) for m, h in zip(MODALITY_KEYS, last_h)]
     out["logits_hetero"] = jnp.stack([h[0] for h in hetero])  # (3, B, O)
     out["repr_hetero"] = jnp.stack([h[2] for h in hetero])  # (3, B, 2d), post-residual
 

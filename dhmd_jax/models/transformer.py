@@ -28,14 +28,15 @@ time-major (T, B, E), which changes nothing in the maths.
 """
 
 import math
-from typing import Optional
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 _LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
-_XAVIER = nn.initializers.xavier_uniform()
+_HIDDEN = -1e30  # added to the score of a key a query may not see: exp() of it is exactly 0
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> jax.Array:
@@ -84,7 +85,7 @@ def future_mask(t_q: int, t_k: int) -> jax.Array:
   return j <= i + abs(t_k - t_q)  # (T_q, T_k) bool
 
 
-def query_blocks(t_q: int, t_k: int, causal: bool, block: int):
+def query_blocks(t_q: int, t_k: int, causal: bool, block: int, branch_lengths=None):
   """Static (q_start, q_end, k_end) blocks: query rows [q_start, q_end) need keys [0, k_end).
 
   With the causal mask, query i sees keys j <= i + |T_k - T_q|, so a block of queries never needs
@@ -92,176 +93,311 @@ def query_blocks(t_q: int, t_k: int, causal: bool, block: int):
   are masked for the whole block (about half of a long square score matrix) and gives the same
   result, since a masked key gets exactly zero weight. `block <= 0`, no causal mask, or a block
   that would not skip anything gives one block over everything.
+
+  `branch_lengths`: the real (t_q, t_k) of every branch padded to (t_q, t_k) in a stack; a block
+  then reaches the furthest key any branch's real rows in it can see (padded rows need no more).
   """
   if not causal or block <= 0 or t_q <= block:
     return [(0, t_q, t_k)]
-  offset = abs(t_k - t_q)
-  blocks = [(start, min(start + block, t_q), min(t_k, min(start + block, t_q) + offset))
+  lengths = branch_lengths or [(t_q, t_k)]
+
+  def horizon(q_end):
+    return max(1, max(min(tk, min(q_end, tq) + abs(tk - tq)) for tq, tk in lengths))
+
+  blocks = [(start, min(start + block, t_q), horizon(min(start + block, t_q)))
             for start in range(0, t_q, block)]
   if all(k_end == t_k for _, _, k_end in blocks):
     return [(0, t_q, t_k)]
   return blocks
 
 
-class MultiheadAttention(nn.Module):
-  """Fairseq multi-head attention with a packed (q, k, v) input projection.
+def plan_groups(lengths, slack: float = 1.25):
+  """Which branches of a stack are computed together: indices grouped so that within a group every
+  real length is at least 1/slack of the group's padded length (in T_q and in T_k).
 
-  Attributes:
-    num_heads: number of heads h; head_dim = E / h.
-    attn_dropout: dropout rate on the attention weights.
-    query_block: with a causal mask, compute attention in blocks of this many query rows, each
-      over only the keys it can see (`query_blocks`); 0 = one block.
+  The branches of one kind usually share their shapes (one group, one set of operations); on
+  unaligned data a 50-step and a 500-step branch are computed apart rather than padded 10x.
   """
-  num_heads: int
-  attn_dropout: float = 0.0
-  query_block: int = 0
-
-  @nn.compact
-  def __call__(self, query, key, value, *, causal: bool, key_mask: Optional[jax.Array],
-               deterministic: bool):
-    """query (B, T_q, E); key, value (B, T_k, E); key_mask (B, T_k) bool or None.
-
-    causal: apply the future mask (query i sees keys j <= i + |T_k - T_q|).
-    """
-    b, t_q, e = query.shape
-    t_k = key.shape[1]
-    if e % self.num_heads:
-      raise ValueError(f"embedding width {e} is not divisible by num_heads={self.num_heads}")
-    head_dim = e // self.num_heads
-    w = self.param("in_proj_kernel", _XAVIER, (e, 3 * e))  # torch in_proj_weight.T
-    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
-    q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
-    # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
-    # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
-    # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
-    k = key @ w[:, e:2 * e] + jax.lax.stop_gradient(bias[e:2 * e])  # (B, T_k, E)
-    v = value @ w[:, 2 * e:] + bias[2 * e:]  # (B, T_k, E)
-    q = q * head_dim**-0.5
-    q = q.reshape(b, t_q, self.num_heads, head_dim)
-    k = k.reshape(b, t_k, self.num_heads, head_dim)
-    v = v.reshape(b, t_k, self.num_heads, head_dim)
-    dropout = nn.Dropout(self.attn_dropout)
-    visible = future_mask(t_q, t_k) if causal else None  # (T_q, T_k)
-    outs = []
-    for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
-      # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
-      scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
-      mask = None
-      if causal:
-        mask = visible[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
-      if key_mask is not None:
-        padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
-        mask = padding if mask is None else jnp.logical_and(mask, padding)
-      if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-      weights = jax.nn.softmax(scores, axis=-1)
-      if key_mask is not None:
-        # A row with no visible key: zero weights instead of a uniform average over masked
-        # keys. (The causal mask alone always leaves key 0 visible.)
-        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-      weights = dropout(weights, deterministic=deterministic)
-      outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    return nn.Dense(e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros,
-                    name="out_proj")(out.reshape(b, t_q, e))  # (B, T_q, E)
-
-
-class TransformerEncoderLayer(nn.Module):
-  """One pre-LN layer: (cross-)attention + FFN, each with a residual connection."""
-  num_heads: int
-  attn_dropout: float = 0.0
-  relu_dropout: float = 0.0
-  res_dropout: float = 0.0
-  query_block: int = 0
-
-  @nn.compact
-  def __call__(self, x, x_k=None, x_v=None, *, causal: bool, key_mask=None,
-               deterministic: bool):
-    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention; key_mask (B, T_k)."""
-    e = x.shape[-1]
-    norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
-    residual = x
-    x = norm_0(x)
-    if x_k is None:
-      k = v = x
+  groups = []  # [indices]
+  for i, (tq, tk) in enumerate(lengths):
+    for group in groups:
+      qs = [lengths[j][0] for j in group] + [tq]
+      ks = [lengths[j][1] for j in group] + [tk]
+      if max(qs) <= slack * min(qs) and max(ks) <= slack * min(ks):
+        group.append(i)
+        break
     else:
-      k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
-    x = MultiheadAttention(self.num_heads, self.attn_dropout, self.query_block,
-                           name="self_attn")(
-        x, k, v, causal=causal, key_mask=key_mask, deterministic=deterministic)
-    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
-    x = residual + x
-
-    residual = x
-    x = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_1")(x)
-    x = nn.Dense(4 * e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name="fc1")(x)
-    x = nn.relu(x)  # (B, T_q, 4E)
-    x = nn.Dropout(self.relu_dropout)(x, deterministic=deterministic)
-    x = nn.Dense(e, kernel_init=_XAVIER, bias_init=nn.initializers.zeros, name="fc2")(x)
-    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
-    return residual + x  # (B, T_q, E)
+      groups.append([i])
+  return groups
 
 
-class TransformerEncoder(nn.Module):
-  """MulT `TransformerEncoder`: self-attention if `source` is None, else cross-modal attention.
+# ---------------------------------------------------------------- one branch, one layer (pure)
+
+
+def _layer_norm(x, scale, bias):
+  """torch.nn.LayerNorm over the last axis (epsilon 1e-5), variance as E[x^2] - E[x]^2 (Flax)."""
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
+  return (x - mean) * jax.lax.rsqrt(var + _LN_EPSILON) * scale + bias
+
+
+def _dropout(x, rate, key, active: bool):
+  """Inverted dropout with a traced rate (one per branch under vmap); `active` is static."""
+  if not active:
+    return x
+  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0.0)
+
+
+class _Static(NamedTuple):
+  """What the traced layer needs to know at trace time (hashable)."""
+  num_heads: int
+  blocks: tuple  # query_blocks(...)
+  attn_dropout: bool  # some branch of the group has attention dropout and training is on
+  relu_dropout: bool
+  res_dropout: bool
+
+
+def _attention(p, x, k_in, v_in, bias, key_mask, rate, key, st: _Static):
+  """Multi-head attention of one branch. x (B, T_q, E); k_in, v_in (B, T_k, E); bias (T_q, T_k)
+  additive mask (0 visible, -1e30 hidden); key_mask (B, T_k) bool or None."""
+  b, t_q, e = x.shape
+  h = st.num_heads
+  hd = e // h
+  w, wb = p["in_proj_kernel"], p["in_proj_bias"]  # (E, 3E), (3E,)
+  # Heads laid out once, head-major, straight out of the projection: (B, h, T, hd).
+  q = jnp.einsum("bte,ehc->bhtc", x, (w[:, :e] * hd**-0.5).reshape(e, h, hd))
+  q = q + (wb[:e] * hd**-0.5).reshape(h, 1, hd)
+  # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
+  # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
+  # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
+  k = jnp.einsum("bte,ehc->bhtc", k_in, w[:, e:2 * e].reshape(e, h, hd))
+  k = k + jax.lax.stop_gradient(wb[e:2 * e]).reshape(h, 1, hd)
+  v = jnp.einsum("bte,ehc->bhtc", v_in, w[:, 2 * e:].reshape(e, h, hd))
+  v = v + wb[2 * e:].reshape(h, 1, hd)
+  outs = []
+  for i, (q0, q1, k_end) in enumerate(st.blocks):
+    scores = jnp.einsum("bhqc,bhkc->bhqk", q[:, :, q0:q1], k[:, :, :k_end])  # Eq. 10 QK^T/sqrt(d)
+    scores = scores + bias[q0:q1, :k_end]
+    if key_mask is not None:
+      scores = jnp.where(key_mask[:, None, None, :k_end], scores, _HIDDEN)
+    weights = jax.nn.softmax(scores, axis=-1)  # (B, h, rows, k_end)
+    if key_mask is not None:
+      # A row with no visible key: zero weights instead of a uniform average over masked keys.
+      visible = jnp.logical_and(key_mask[:, None, None, :k_end], bias[q0:q1, :k_end] == 0)
+      weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
+    weights = _dropout(weights, rate, jax.random.fold_in(key, i), st.attn_dropout)
+    outs.append(jnp.einsum("bhqk,bhkc->bqhc", weights, v[:, :, :k_end]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # (B, T_q, h, hd)
+  return out.reshape(b, t_q, e) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+
+
+def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, key, st: _Static):
+  """One pre-LN layer of one branch: (cross-)attention + FFN, each with a residual connection.
+  rates: (attn, relu, res) dropout rates of this branch."""
+  attn_rate, relu_rate, res_rate = rates
+  norm_0 = lambda y: _layer_norm(y, p["layer_norm_0"]["scale"], p["layer_norm_0"]["bias"])
+  residual = x
+  x = norm_0(x)
+  if k_src is None:
+    k_in = v_in = x
+  else:
+    k_in, v_in = norm_0(k_src), norm_0(v_src)  # the same LayerNorm on q, k and v, as coded
+  x = _attention(p["self_attn"], x, k_in, v_in, bias, key_mask, attn_rate,
+                 jax.random.fold_in(key, 0), st)
+  x = residual + _dropout(x, res_rate, jax.random.fold_in(key, 1), st.res_dropout)
+  residual = x
+  x = _layer_norm(x, p["layer_norm_1"]["scale"], p["layer_norm_1"]["bias"])
+  x = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])  # (B, T_q, 4E)
+  x = _dropout(x, relu_rate, jax.random.fold_in(key, 2), st.relu_dropout)
+  x = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
+  return residual + _dropout(x, res_rate, jax.random.fold_in(key, 3), st.res_dropout)
+
+
+def _stack_masks(lengths, t_q, t_k, causal):
+  """(G, T_q, T_k) additive masks: the causal rule of each branch's REAL lengths, and no weight
+  on the keys past a branch's real length (padding added to stack it)."""
+  masks = np.zeros((len(lengths), t_q, t_k), np.float32)
+  for g, (tq, tk) in enumerate(lengths):
+    visible = np.zeros((t_q, t_k), bool)
+    visible[:, :tk] = True
+    if causal:
+      visible[:, :tk] &= np.arange(tk)[None, :] <= np.arange(t_q)[:, None] + abs(tk - tq)
+    masks[g][~visible] = _HIDDEN
+  return jnp.asarray(masks)
+
+
+def _pad_to(x, t):
+  return x if x.shape[1] == t else jnp.pad(x, ((0, 0), (0, t - x.shape[1]), (0, 0)))
+
+
+class TransformerStack(nn.Module):
+  """G MulT transformer encoders of one kind (same width, heads and depth), computed as one.
+
+  Every parameter has a leading branch axis G and, inside a layer, a layer axis L: the branches
+  run under `jax.vmap` and the layers under `jax.lax.scan`, so one layer body is traced and
+  compiled once for all G x L layers. Branches whose lengths differ by at most `slack` are zero-
+  padded to a common length with exact masks (padded keys get no weight, the causal offset and
+  the positions stay those of each branch's real lengths, padded query rows are cut off before
+  returning); branches of very different lengths are computed in separate groups.
 
   Attributes:
     num_heads: attention heads.
-    num_layers: number of layers.
-    attn_dropout: dropout on attention weights (chosen by the caller from the SOURCE modality).
+    num_layers: layers per branch.
+    attn_dropout: dropout on the attention weights, one rate per branch (the SOURCE modality's in
+      a cross-modal block), or one rate for all.
     relu_dropout, res_dropout, embed_dropout: the other dropout rates.
     causal_mask: apply the future mask with the |T_k - T_q| offset.
     query_block: causal attention in blocks of this many query rows (0 = off); see
       `query_blocks`. The same outputs, less work on long sequences.
+    remat: recompute each layer's activations in the backward pass instead of storing them.
+    slack: largest padded/real length ratio inside one group (see `plan_groups`).
   """
   num_heads: int
   num_layers: int
-  attn_dropout: float = 0.0
+  attn_dropout: Any = 0.0
   relu_dropout: float = 0.0
   res_dropout: float = 0.0
   embed_dropout: float = 0.0
   causal_mask: bool = True
   query_block: int = 0
+  remat: bool = False
+  slack: float = 1.25
+
+  def _params(self, g: int, e: int):
+    l = self.num_layers
+    zeros, ones = nn.initializers.zeros, nn.initializers.ones
+    xavier = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", batch_axis=(0, 1))
+
+    def dense(name, fan_in, fan_out):
+      return {"kernel": self.param(f"{name}_kernel", xavier, (g, l, fan_in, fan_out)),
+              "bias": self.param(f"{name}_bias", zeros, (g, l, fan_out))}
+
+    def norm(name, shape):
+      return {"scale": self.param(f"{name}_scale", ones, shape),
+              "bias": self.param(f"{name}_bias", zeros, shape)}
+
+    layers = {
+        "layer_norm_0": norm("layer_norm_0", (g, l, e)),
+        "self_attn": {"in_proj_kernel": self.param("in_proj_kernel", xavier, (g, l, e, 3 * e)),
+                      "in_proj_bias": self.param("in_proj_bias", zeros, (g, l, 3 * e)),
+                      "out_proj": dense("out_proj", e, e)},
+        "layer_norm_1": norm("layer_norm_1", (g, l, e)),
+        "fc1": dense("fc1", e, 4 * e),
+        "fc2": dense("fc2", 4 * e, e),
+    }
+    return layers, norm("layer_norm", (g, e))
 
   @nn.compact
-  def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
-    """Encodes a sequence.
+  def __call__(self, xs, sources=None, *, key_masks=None, deterministic: bool):
+    """Encodes G sequences.
 
     Args:
-      x: (B, T_q, E) the query sequence (the target modality in a cross-modal block).
-      source: (B, T_k, E) the key/value sequence of a cross-modal block, or None.
-      key_mask: optional (B, T_k) bool frame mask of the keys (x's own mask for self-attention);
-        None means every key is visible (the DMD code).
+      xs: sequence of G query sequences (B, T_q[g], E) (the target modality of a cross-modal
+        block), or one (B, T_q, E) array for a stack of one.
+      sources: None (self-attention) or G key/value sequences (B, T_k[g], E).
+      key_masks: None or G (B, T_k[g]) bool frame masks of the keys (each query sequence's own
+        mask for self-attention); None means every real key is visible (the DMD code).
       deterministic: disables dropout.
 
     Returns:
-      (B, T_q, E) the encoded query sequence (after the final LayerNorm).
+      G encoded query sequences (B, T_q[g], E) after the final LayerNorm (one array for one).
     """
-    e = x.shape[-1]
-    scale = math.sqrt(e)
-    embed_dropout = nn.Dropout(self.embed_dropout)
-    h = scale * x + positional_embedding(x)  # (B, T_q, E)
-    h = embed_dropout(h, deterministic=deterministic)
-    if source is not None:
-      if source.shape[-1] != e:
-        raise ValueError(f"cross-modal source width {source.shape[-1]} != query width {e}")
-      src = scale * source + positional_embedding(source)  # (B, T_k, E)
-      h_k = embed_dropout(src, deterministic=deterministic)  # separate masks for k and v
-      h_v = embed_dropout(src, deterministic=deterministic)
-      t_k = source.shape[1]
-    else:
-      h_k = h_v = None
-      t_k = x.shape[1]
+    single = not isinstance(xs, (list, tuple))
+    if single:
+      xs = [xs]
+      sources = None if sources is None else [sources]
+      key_masks = None if key_masks is None else [key_masks]
+    g_all, e = len(xs), xs[0].shape[-1]
+    if e % self.num_heads:
+      raise ValueError(f"embedding width {e} is not divisible by num_heads={self.num_heads}")
+    cross = sources is not None
+    srcs = sources if cross else xs
+    for x, s in zip(xs, srcs):
+      if s.shape[-1] != e or x.shape[-1] != e:
+        raise ValueError(f"every sequence of a transformer stack needs width {e}; got "
+                         f"{x.shape[-1]} and {s.shape[-1]}")
+    if key_masks is not None:
+      key_masks = [jnp.asarray(km).astype(bool) for km in key_masks]
+      for km, x, s in zip(key_masks, xs, srcs):
+        if km.shape != (x.shape[0], s.shape[1]):
+          raise ValueError(f"key_mask has shape {km.shape}; expected (B, T_k) = "
+                           f"{(x.shape[0], s.shape[1])}")
+    rates = self.attn_dropout
+    rates = tuple(rates) if isinstance(rates, (list, tuple)) else (rates,) * g_all
+    if len(rates) != g_all:
+      raise ValueError(f"{len(rates)} attention dropout rates for {g_all} branches")
+    layer_params, final_norm = self._params(g_all, e)
+    key = None if deterministic else self.make_rng("dropout")
 
-    if key_mask is not None:
-      key_mask = key_mask.astype(bool)
-      if key_mask.shape != (x.shape[0], t_k):
-        raise ValueError(f"key_mask has shape {key_mask.shape}; expected (B, T_k) = "
-                         f"{(x.shape[0], t_k)}")
-    for i in range(self.num_layers):
-      h = TransformerEncoderLayer(
-          self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
-          self.query_block, name=f"layers_{i}")(
-              h, h_k, h_v, causal=self.causal_mask, key_mask=key_mask,
-              deterministic=deterministic)
-    return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)
+    lengths = [(x.shape[1], s.shape[1]) for x, s in zip(xs, srcs)]
+    outputs = [None] * g_all
+    for n, group in enumerate(plan_groups(lengths, self.slack)):
+      if group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
+        take = lambda tree, lo=group[0], hi=group[-1] + 1: jax.tree.map(lambda a: a[lo:hi], tree)
+      else:
+        take = lambda tree, idx=np.asarray(group): jax.tree.map(lambda a: a[idx], tree)
+      if len(group) == g_all:
+        take = lambda tree: tree
+      out = self._group(
+          take(layer_params), take(final_norm), [xs[i] for i in group],
+          [srcs[i] for i in group] if cross else None,
+          None if key_masks is None else [key_masks[i] for i in group],
+          [rates[i] for i in group], None if key is None else jax.random.fold_in(key, n))
+      for i, o in zip(group, out):
+        outputs[i] = o
+    return outputs[0] if single else outputs
+
+  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key):
+    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation."""
+    lengths = [(x.shape[1], (x if srcs is None else s).shape[1])
+               for x, s in zip(xs, srcs or xs)]
+    t_q = max(tq for tq, _ in lengths)
+    t_k = max(tk for _, tk in lengths)
+    e = xs[0].shape[-1]
+    scale = math.sqrt(e)
+    training = key is not None
+    st = _Static(
+        num_heads=self.num_heads,
+        blocks=tuple(query_blocks(t_q, t_k, self.causal_mask, self.query_block, lengths)),
+        attn_dropout=training and any(r > 0 for r in attn_rates),
+        relu_dropout=training and self.relu_dropout > 0,
+        res_dropout=training and self.res_dropout > 0)
+    embed_on = training and self.embed_dropout > 0
+    x = jnp.stack([_pad_to(x, t_q) for x in xs])  # (G, B, T_q, E)
+    src = None if srcs is None else jnp.stack([_pad_to(s, t_k) for s in srcs])  # (G, B, T_k, E)
+    kpm = None
+    if key_masks is not None:
+      kpm = jnp.stack([jnp.pad(km, ((0, 0), (0, t_k - km.shape[1]))) for km in key_masks])
+    bias = _stack_masks(lengths, t_q, t_k, self.causal_mask)  # (G, T_q, T_k)
+    g = len(xs)
+    rates = jnp.asarray([[r, self.relu_dropout, self.res_dropout] for r in attn_rates],
+                        jnp.float32)  # (G, 3)
+    keys = jax.random.split(key if training else jax.random.key(0), g)
+    embed_rate = jnp.float32(self.embed_dropout)
+
+    def branch(p, norm, x, src, bias, kpm, rates, key):
+      # Input embedding: sqrt(E) x + PE(x) (padded frames are zero: PE 0 by the padding rule).
+      h = _dropout(scale * x + positional_embedding(x), embed_rate, jax.random.fold_in(key, 0),
+                   embed_on)
+      h_k = h_v = None
+      if src is not None:
+        s = scale * src + positional_embedding(src)
+        h_k = _dropout(s, embed_rate, jax.random.fold_in(key, 1), embed_on)  # separate masks
+        h_v = _dropout(s, embed_rate, jax.random.fold_in(key, 2), embed_on)  # for k and v
+      rate_tuple = (rates[0], rates[1], rates[2])
+
+      def layer(h, xs_l):
+        p_l, index = xs_l
+        k_l = jax.random.fold_in(jax.random.fold_in(key, 3), index)
+        return _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st), None
+
+      if self.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+      h, _ = jax.lax.scan(layer, h, (p, jnp.arange(self.num_layers)))
+      return _layer_norm(h, norm["scale"], norm["bias"])
+
+    in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
+    out = jax.vmap(branch, in_axes=in_axes)(layer_params, final_norm, x, src, bias, kpm, rates,
+                                            keys)  # (G, B, T_q, E)
+    return [out[i, :, :tq] for i, (tq, _) in enumerate(lengths)]  # padded queries cut off
