@@ -7,11 +7,18 @@ Layout under `<workdir>/checkpoints/`:
                     "host": JSON (epoch, scheduler state, seeds, config fingerprint)}
   best/<epoch>/    {"arrays": {"best_params": ...}, "host": JSON (best epoch and valid loss per seed)}
 This is the only module that touches the orbax API.
+
+Checkpoints written before the transformers were stacked (parameter layout v1, see
+`models/layout.py`) are read with a v1-shaped target and converted on restore, so old runs
+resume, evaluate and predict unchanged.
 """
 
 import os
 
+import jax
 import orbax.checkpoint as ocp
+
+from dhmd_jax.models import layout
 
 
 def _manager(directory):
@@ -38,8 +45,16 @@ class Checkpointer:
     epoch = manager.latest_step()
     if epoch is None:
       return None
-    restored = manager.restore(epoch, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(target), host=ocp.args.JsonRestore()))
+    restore = lambda t: manager.restore(epoch, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(t), host=ocp.args.JsonRestore()))
+    try:
+      restored = restore(target)
+    except (ValueError, KeyError) as error:  # a tree of another structure: maybe layout v1
+      try:
+        restored = restore(_v1_target(target))
+      except (ValueError, KeyError):
+        raise error from None
+      restored = dict(restored, arrays=_from_v1(restored["arrays"]))
     return epoch, restored["arrays"], restored["host"]
 
   def save_latest(self, epoch, *, state, best_params, host):
@@ -58,3 +73,21 @@ class Checkpointer:
   def close(self):
     self._latest.close()
     self._best.close()
+
+
+def _v1_target(target):
+  """The checkpoint target with every parameter tree in the per-branch layout v1 (seed axis 1)."""
+  to_v1 = lambda p: jax.eval_shape(lambda q: layout.to_v1_params(q, batch_dims=1), p)
+  out = dict(target)
+  if "state" in out:
+    out["state"] = out["state"].replace(params=to_v1(out["state"].params))
+  out["best_params"] = to_v1(out["best_params"])
+  return out
+
+
+def _from_v1(arrays):
+  out = dict(arrays)
+  if "state" in out:
+    out["state"] = layout.convert_v1_train_state(out["state"], batch_dims=1)
+  out["best_params"] = layout.convert_v1_params(out["best_params"], batch_dims=1)
+  return out

@@ -215,3 +215,43 @@ def test_query_blocks_of_padded_branches_reach_every_real_horizon():
     for q0, q1, k_end in blocks:
       for i in range(q0, min(q1, tq)):  # every real row of every branch sees all it may see
         assert k_end >= min(tk, i + abs(tk - tq) + 1)
+
+
+def test_a_v1_checkpoint_restores_into_the_stacked_layout(tmp_path):
+  """A checkpoint written in layout v1 (parameters per branch, Adam's moments over the v1 flat
+  vector) restores through `Checkpointer` as the same state in the current layout."""
+  from dhmd_jax import checkpoint
+  from dhmd_jax import steps
+
+  config = test_model.tiny_config()
+  model = build_model(config, num_outputs=1)
+  batch = test_model.make_batch(test_model.TINY_LENGTHS, test_model.TINY_DIMS)
+  init = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, batch, k)))
+  state = init(jax.random.split(jax.random.key(0), 2))  # two seeds
+  rng = np.random.default_rng(0)
+  noisy = lambda tree: jax.tree.map(lambda a: a + rng.normal(size=a.shape).astype(a.dtype), tree)
+  state = state.replace(params=noisy(state.params), opt_state=noisy(state.opt_state))
+  best = noisy(state.params)
+
+  template = jax.tree.map(lambda a: a[0], state.params)
+  _, unravel = ravel_pytree(template)
+  v2_to_v1_vector = jax.vmap(lambda v: ravel_pytree(layout.to_v1_params(unravel(v)))[0])
+  size = ravel_pytree(template)[0].shape[0]
+  v1_opt = jax.tree.map(lambda a: v2_to_v1_vector(a) if a.ndim == 2 and a.shape[1] == size else a,
+                        state.opt_state)
+  v1_state = state.replace(params=layout.to_v1_params(state.params, batch_dims=1),
+                           opt_state=v1_opt)
+  moved = [not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(v1_opt),
+                                                     jax.tree.leaves(state.opt_state))]
+  assert sum(moved) == 2  # Adam's mu and nu are stored in the v1 order
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  ckpt.save_latest(3, state=v1_state, best_params=layout.to_v1_params(best, batch_dims=1),
+                   host={"epoch": 3})
+  ckpt.close()
+
+  ckpt = checkpoint.Checkpointer(str(tmp_path))
+  epoch, arrays, host = ckpt.restore_latest(state=state, best_params=best)
+  ckpt.close()
+  assert (epoch, host) == (3, {"epoch": 3})
+  chex.assert_trees_all_equal(arrays["state"], state)
+  chex.assert_trees_all_equal(arrays["best_params"], best)

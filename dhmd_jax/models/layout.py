@@ -96,3 +96,50 @@ def convert_v1_vector(vector, v1_template):
   """
   _, unravel = ravel_pytree(v1_template)
   return ravel_pytree(convert_v1_params(unravel(vector)))[0]
+
+
+def to_v1_params(params, *, batch_dims: int = 0):
+  """The inverse of `convert_v1_params`: a v2 tree -> the per-branch v1 tree of the same numbers
+  (to read a v1 checkpoint with a target of the right structure, and for tests)."""
+  params = dict(params)
+  for stack, names in STACKS.items():
+    if stack not in params:
+      continue
+    tree = params.pop(stack)
+    lead = (slice(None),) * batch_dims
+    num_layers = tree["in_proj_kernel"].shape[batch_dims + 1]
+    for g, name in enumerate(names):
+      encoder = {"layer_norm": {leaf: tree[f"layer_norm_{leaf}"][lead + (g,)]
+                                for leaf in ("scale", "bias")}}
+      for i in range(num_layers):
+        layer = {}
+        for leaf, path in _LAYER_LEAVES.items():
+          node = layer
+          for key in path[:-1]:
+            node = node.setdefault(key, {})
+          node[path[-1]] = tree[leaf][lead + (g, i)]
+        encoder[f"layers_{i}"] = layer
+      params[name] = encoder
+  return params
+
+
+def convert_v1_train_state(state, *, batch_dims: int = 1):
+  """A restored v1 TrainState (seeds stacked on `batch_dims` leading axes) -> v2.
+
+  The parameters move to the stacked layout; every optimizer-state leaf that is a flat
+  parameter-sized vector (Adam's moments over `ravel_pytree(params)`) is re-ordered to match.
+  """
+  v1_params = state.params
+  size = ravel_pytree(jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params))[0].shape[0]
+  template = jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params)
+
+  def vector(leaf):
+    if leaf.ndim != batch_dims + 1 or leaf.shape[-1] != size:
+      return leaf
+    fn = lambda v: convert_v1_vector(v, template)
+    for _ in range(batch_dims):
+      fn = jax.vmap(fn)
+    return fn(leaf)
+
+  return state.replace(params=convert_v1_params(v1_params, batch_dims=batch_dims),
+                       opt_state=jax.tree.map(vector, state.opt_state))

@@ -32,10 +32,13 @@ from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.extend.random as jax_random_ext
 import jax.numpy as jnp
 import numpy as np
 
 _LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
+import os
+_UNROLL = bool(int(os.environ.get("DHMD_UNROLL", "0")))
 _HIDDEN = -1e30  # added to the score of a key a query may not see: exp() of it is exactly 0
 
 
@@ -141,12 +144,32 @@ def _layer_norm(x, scale, bias):
   return (x - mean) * jax.lax.rsqrt(var + _LN_EPSILON) * scale + bias
 
 
+def _keep_mask(key, keep_prob, shape):
+  """Bernoulli(keep_prob) mask and its exact keep probability, from 16-bit uniform draws.
+
+  A threefry key: every 64-bit threefry block gives four 16-bit draws (jax.random.bernoulli
+  spends one block per element), so the attention-sized masks cost a quarter of the random-
+  number work. keep_prob is quantised to multiples of 2^-16 and the exact quantised value is
+  returned for the rescaling, so the dropout stays unbiased (0.6 -> 0.600006). Other key types
+  (rbg) use jax.random.bernoulli.
+  """
+  data = jax.random.key_data(key)
+  if data.shape != (2,):
+    return jax.random.bernoulli(key, keep_prob, shape), keep_prob
+  n = math.prod(shape)
+  words = (n + 1) // 2 + ((n + 1) // 2) % 2  # uint32 words, an even count (two per block)
+  bits = jax_random_ext.threefry_2x32(data, jnp.arange(words, dtype=jnp.uint32))
+  draws = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(-1)[:n].reshape(shape)
+  threshold = jnp.round(keep_prob * 65536.0)  # keep iff draw < threshold
+  return draws.astype(jnp.float32) < threshold, threshold / 65536.0
+
+
 def _dropout(x, rate, key, active: bool):
   """Inverted dropout with a traced rate (one per branch under vmap); `active` is static."""
   if not active:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0.0)
+  keep, keep_prob = _keep_mask(key, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / keep_prob, 0.0)
 
 
 class _Static(NamedTuple):
@@ -394,7 +417,7 @@ class TransformerStack(nn.Module):
 
       if self.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-      h, _ = jax.lax.scan(layer, h, (p, jnp.arange(self.num_layers)))
+      h, _ = jax.lax.scan(layer, h, (p, jnp.arange(self.num_layers)), unroll=_UNROLL)
       return _layer_norm(h, norm["scale"], norm["bias"])
 
     in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
