@@ -85,6 +85,12 @@ def get_config():
   # Recompute each transformer layer's activations in the backward pass instead of keeping them
   # (jax.checkpoint): the same numbers, less memory for long (unaligned) sequences, more compute.
   config.model.remat = False
+  # Speed only: how the stacked transformers (one parameter stack per kind) are computed. "vmap":
+  # each kind as one vmapped computation, layers under lax.scan (few, large operations: compiles
+  # in seconds; what a GPU wants); "loop": branch by branch, layers unrolled (the same numbers;
+  # the CPU runtime overlaps the independent small operations on its cores); "auto": "loop" on
+  # a CPU, "vmap" on GPU/TPU.
+  config.model.stack_compute = "auto"
   # Mask zero-padded frames of unaligned data as attention keys (not in the DMD code; opt-in).
   config.model.key_padding_mask = False
   # DMD code: an extra self-attention transformer over the shared features c_m whose last step

@@ -52,6 +52,12 @@ _DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
                                  "config.train.dropout_rng for the step.")
 _QUERY_BLOCK = flags.DEFINE_integer(
     "attention_query_block", None, "config.model.attention_query_block (default: the config's).")
+_REMAT = flags.DEFINE_bool(
+    "remat", None, "config.model.remat: recompute transformer layers in the backward pass "
+    "(default: the config's).")
+_STACK_COMPUTE = flags.DEFINE_enum(
+    "stack_compute", None, ["auto", "vmap", "loop"],
+    "config.model.stack_compute (default: the config's).")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
                                      "Samples per seed in the evaluation-throughput pass.")
 _EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 256,
@@ -73,6 +79,10 @@ def make_config(variant):
   config.train.dropout_rng = _DROPOUT_RNG.value
   if _QUERY_BLOCK.value is not None:
     config.model.attention_query_block = _QUERY_BLOCK.value
+  if _REMAT.value is not None:
+    config.model.remat = _REMAT.value
+  if _STACK_COMPUTE.value is not None:
+    config.model.stack_compute = _STACK_COMPUTE.value
   return config
 
 
@@ -125,6 +135,8 @@ class CaseResult:
   seeds: int
   accumulate: str
   attention_query_block: int
+  remat: bool
+  stack_compute: str
   compile_s: float
   ms_per_step: float
   samples_per_s: float
@@ -206,7 +218,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   jax.block_until_ready(predict(states.params, eval_data))
   eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
-                    config.train.accumulate, config.model.attention_query_block,
+                    config.train.accumulate, config.model.attention_query_block, config.model.remat,
+                    dhmd_model.resolve_stack_compute(config.model.stack_compute),
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     _EVAL_BATCH.value, fraction)

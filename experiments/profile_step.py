@@ -119,6 +119,8 @@ def source_of(op_name):
 def main(argv):
   del argv
   config = benchmark.make_config(_PVARIANT.value)
+  if os.environ.get("STACK_COMPUTE"):
+    config.model.stack_compute = os.environ["STACK_COMPUTE"]
   model = dhmd_model.build_model(config, num_outputs=1)
   batch, num_steps, num_seeds = _BATCH.value, _PSTEPS.value, _SEEDS.value
   chunk = benchmark.make_chunk(config, model, _LAYOUT.value, batch, num_seeds, num_steps)

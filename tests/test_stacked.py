@@ -70,9 +70,11 @@ def legacy():
   return _load_fixture()
 
 
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_converted_v1_parameters_reproduce_every_output_term_and_gradient(legacy, name):
+def test_converted_v1_parameters_reproduce_every_output_term_and_gradient(legacy, name, compute):
   config = _case(name)
+  config.model.stack_compute = compute
   model = build_model(config, num_outputs=1)
   batch = _nest(legacy, f"{name}/batch")
   params_v1 = _nest(legacy, f"{name}/params")
@@ -143,8 +145,9 @@ def _branch_params(stack_params, g):
 @pytest.mark.parametrize("cross,causal,key_padding", [
     (False, True, False), (True, True, False), (True, False, True), (True, True, True)])
 def test_stack_equals_each_branch_alone(cross, causal, key_padding):
-  """G branches of unequal lengths in one stack (padded, grouped) = each branch computed alone,
-  outputs and gradients; with query blocks, so blocks over padded branches are covered too."""
+  """G branches of unequal lengths in one vmapped stack (padded, grouped) = each branch computed
+  alone by the per-branch `TransformerEncoder` ("loop"), outputs and gradients; with query
+  blocks, so blocks over padded branches are covered too."""
   rng = np.random.default_rng(0)
   t_q, t_k = (9, 8, 9, 3), (8, 8, 9, 30)  # branch 3 is far shorter/longer: its own group
   xs = [rng.normal(size=(2, t, 8)).astype(np.float32) for t in t_q]
@@ -153,6 +156,7 @@ def test_stack_equals_each_branch_alone(cross, causal, key_padding):
   if key_padding:
     masks = [np.arange(t)[None, :] < np.array([[t], [t - 2]]) for t in (t_k if cross else t_q)]
   stack = TransformerStack(num_heads=2, num_layers=2, causal_mask=causal, query_block=3)
+  loop = stack.clone(compute="loop")
   shapes = jax.eval_shape(
       lambda: stack.init(jax.random.key(0), xs, srcs, key_masks=masks, deterministic=True))
   params = test_model.random_params(shapes["params"], seed=4)
@@ -165,7 +169,7 @@ def test_stack_equals_each_branch_alone(cross, causal, key_padding):
   together = lambda p: stack.apply({"params": p}, xs, srcs, key_masks=masks, deterministic=True)
 
   def alone(p):
-    return [stack.apply({"params": _branch_params(p, g)}, xs[g],
+    return [loop.apply({"params": _branch_params(p, g)}, xs[g],
                         None if srcs is None else srcs[g],
                         key_masks=None if masks is None else masks[g], deterministic=True)
             for g in range(len(xs))]
@@ -178,12 +182,13 @@ def test_stack_equals_each_branch_alone(cross, causal, key_padding):
   chex.assert_trees_all_close(grad_a, grad_b, atol=2e-4)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_remat_gives_the_same_gradients(compute):
   rng = np.random.default_rng(1)
   xs = [rng.normal(size=(2, 6, 8)).astype(np.float32) for _ in range(3)]
   grads = []
   for remat in (False, True):
-    stack = TransformerStack(num_heads=2, num_layers=2, remat=remat)
+    stack = TransformerStack(num_heads=2, num_layers=2, remat=remat, compute=compute)
     shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), xs, deterministic=True))
     params = test_model.random_params(shapes["params"], seed=5)
     loss = lambda p: sum(jnp.sum(o ** 2) for o in stack.apply({"params": p}, xs,
@@ -192,11 +197,12 @@ def test_remat_gives_the_same_gradients():
   chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
 
 
-def test_dropout_rates_are_per_branch():
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_dropout_rates_are_per_branch(compute):
   """Branch 0 has attention dropout 0 and must be deterministic; branch 1 (0.5) must not."""
   rng = np.random.default_rng(2)
   xs = [rng.normal(size=(2, 6, 8)).astype(np.float32) for _ in range(2)]
-  stack = TransformerStack(num_heads=2, num_layers=1, attn_dropout=(0.0, 0.5))
+  stack = TransformerStack(num_heads=2, num_layers=1, attn_dropout=(0.0, 0.5), compute=compute)
   shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), xs, deterministic=True))
   params = test_model.random_params(shapes["params"], seed=6)
   det = stack.apply({"params": params}, xs, deterministic=True)

@@ -93,6 +93,7 @@ class ModelSettings:
   dm_score_scale: str
   dm_detach_input: bool
   remat: bool = False
+  stack_compute: str = "vmap"
 
   @classmethod
   def from_config(cls, config, num_outputs: int) -> "ModelSettings":
@@ -114,7 +115,8 @@ class ModelSettings:
         gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
         gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
         dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
-        dm_detach_input=bool(dm.detach_input), remat=bool(m.remat))
+        dm_detach_input=bool(dm.detach_input), remat=bool(m.remat),
+        stack_compute=resolve_stack_compute(m.stack_compute))
     settings.validate()
     return settings
 
@@ -136,8 +138,17 @@ class ModelSettings:
       bad("num_outputs (build_model argument)", self.num_outputs, "1 (regression) or 2 (binary)")
     if self.attention_query_block < 0:
       bad("model.attention_query_block", self.attention_query_block, "0 (off) or a block size")
+    if self.stack_compute not in ("vmap", "loop"):
+      bad("model.stack_compute", self.stack_compute, "'auto', 'vmap' or 'loop'")
     if min(self.conv_kernels) < 1:
       bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
+
+
+def resolve_stack_compute(value: str) -> str:
+  """config.model.stack_compute with "auto" resolved for the default backend."""
+  if value == "auto":
+    return "loop" if jax.default_backend() == "cpu" else "vmap"
+  return value
 
 
 def _read_batch(batch: Mapping[str, Any], kernels):
@@ -195,7 +206,7 @@ class DHMD(nn.Module):
         num_heads=s.num_heads, num_layers=layers, attn_dropout=tuple(attn_dropout),
         relu_dropout=s.relu_dropout, res_dropout=s.res_dropout, embed_dropout=s.embed_dropout,
         causal_mask=s.causal_mask, query_block=s.attention_query_block, remat=s.remat,
-        name=name)
+        compute=s.stack_compute, name=name)
 
   def _attn_dropout(self, source: str) -> float:
     """Attention dropout by SOURCE modality (`get_network` types l/al/vl, a/la/va, v/lv/av)."""

@@ -28,7 +28,7 @@ time-major (T, B, E), which changes nothing in the maths.
 """
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import flax.linen as nn
 import jax
@@ -37,8 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 _LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
-import os
-_UNROLL = bool(int(os.environ.get("DHMD_UNROLL", "0")))
+_XAVIER_UNIFORM = nn.initializers.xavier_uniform()
 _HIDDEN = -1e30  # added to the score of a key a query may not see: exp() of it is exactly 0
 
 
@@ -134,6 +133,173 @@ def plan_groups(lengths, slack: float = 1.25):
   return groups
 
 
+# ---------------------------------------------------------------- one branch as Flax modules
+
+
+class MultiheadAttention(nn.Module):
+  """Fairseq multi-head attention with a packed (q, k, v) input projection.
+
+  Attributes:
+    num_heads: number of heads h; head_dim = E / h.
+    attn_dropout: dropout rate on the attention weights.
+    query_block: with a causal mask, compute attention in blocks of this many query rows, each
+      over only the keys it can see (`query_blocks`); 0 = one block.
+  """
+  num_heads: int
+  attn_dropout: float = 0.0
+  query_block: int = 0
+
+  @nn.compact
+  def __call__(self, query, key, value, *, causal: bool, key_mask: Optional[jax.Array],
+               deterministic: bool):
+    """query (B, T_q, E); key, value (B, T_k, E); key_mask (B, T_k) bool or None.
+
+    causal: apply the future mask (query i sees keys j <= i + |T_k - T_q|).
+    """
+    b, t_q, e = query.shape
+    t_k = key.shape[1]
+    if e % self.num_heads:
+      raise ValueError(f"embedding width {e} is not divisible by num_heads={self.num_heads}")
+    head_dim = e // self.num_heads
+    w = self.param("in_proj_kernel", _XAVIER_UNIFORM, (e, 3 * e))  # torch in_proj_weight.T
+    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
+    q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
+    # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
+    # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
+    # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
+    k = key @ w[:, e:2 * e] + jax.lax.stop_gradient(bias[e:2 * e])  # (B, T_k, E)
+    v = value @ w[:, 2 * e:] + bias[2 * e:]  # (B, T_k, E)
+    q = q * head_dim**-0.5
+    q = q.reshape(b, t_q, self.num_heads, head_dim)
+    k = k.reshape(b, t_k, self.num_heads, head_dim)
+    v = v.reshape(b, t_k, self.num_heads, head_dim)
+    dropout = nn.Dropout(self.attn_dropout)
+    visible = future_mask(t_q, t_k) if causal else None  # (T_q, T_k)
+    outs = []
+    for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
+      # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
+      scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
+      mask = None
+      if causal:
+        mask = visible[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
+      if key_mask is not None:
+        padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
+        mask = padding if mask is None else jnp.logical_and(mask, padding)
+      if mask is not None:
+        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
+      weights = jax.nn.softmax(scores, axis=-1)
+      if key_mask is not None:
+        # A row with no visible key: zero weights instead of a uniform average over masked
+        # keys. (The causal mask alone always leaves key 0 visible.)
+        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+      weights = dropout(weights, deterministic=deterministic)
+      outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    return nn.Dense(e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros,
+                    name="out_proj")(out.reshape(b, t_q, e))  # (B, T_q, E)
+
+
+class TransformerEncoderLayer(nn.Module):
+  """One pre-LN layer: (cross-)attention + FFN, each with a residual connection."""
+  num_heads: int
+  attn_dropout: float = 0.0
+  relu_dropout: float = 0.0
+  res_dropout: float = 0.0
+  query_block: int = 0
+
+  @nn.compact
+  def __call__(self, x, x_k=None, x_v=None, *, causal: bool, key_mask=None,
+               deterministic: bool):
+    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention; key_mask (B, T_k)."""
+    e = x.shape[-1]
+    norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
+    residual = x
+    x = norm_0(x)
+    if x_k is None:
+      k = v = x
+    else:
+      k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
+    x = MultiheadAttention(self.num_heads, self.attn_dropout, self.query_block,
+                           name="self_attn")(
+        x, k, v, causal=causal, key_mask=key_mask, deterministic=deterministic)
+    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
+    x = residual + x
+
+    residual = x
+    x = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_1")(x)
+    x = nn.Dense(4 * e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros, name="fc1")(x)
+    x = nn.relu(x)  # (B, T_q, 4E)
+    x = nn.Dropout(self.relu_dropout)(x, deterministic=deterministic)
+    x = nn.Dense(e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros, name="fc2")(x)
+    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
+    return residual + x  # (B, T_q, E)
+
+
+class TransformerEncoder(nn.Module):
+  """MulT `TransformerEncoder`: self-attention if `source` is None, else cross-modal attention.
+
+  Attributes:
+    num_heads: attention heads.
+    num_layers: number of layers.
+    attn_dropout: dropout on attention weights (chosen by the caller from the SOURCE modality).
+    relu_dropout, res_dropout, embed_dropout: the other dropout rates.
+    causal_mask: apply the future mask with the |T_k - T_q| offset.
+    query_block: causal attention in blocks of this many query rows (0 = off); see
+      `query_blocks`. The same outputs, less work on long sequences.
+  """
+  num_heads: int
+  num_layers: int
+  attn_dropout: float = 0.0
+  relu_dropout: float = 0.0
+  res_dropout: float = 0.0
+  embed_dropout: float = 0.0
+  causal_mask: bool = True
+  query_block: int = 0
+
+  @nn.compact
+  def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
+    """Encodes a sequence.
+
+    Args:
+      x: (B, T_q, E) the query sequence (the target modality in a cross-modal block).
+      source: (B, T_k, E) the key/value sequence of a cross-modal block, or None.
+      key_mask: optional (B, T_k) bool frame mask of the keys (x's own mask for self-attention);
+        None means every key is visible (the DMD code).
+      deterministic: disables dropout.
+
+    Returns:
+      (B, T_q, E) the encoded query sequence (after the final LayerNorm).
+    """
+    e = x.shape[-1]
+    scale = math.sqrt(e)
+    embed_dropout = nn.Dropout(self.embed_dropout)
+    h = scale * x + positional_embedding(x)  # (B, T_q, E)
+    h = embed_dropout(h, deterministic=deterministic)
+    if source is not None:
+      if source.shape[-1] != e:
+        raise ValueError(f"cross-modal source width {source.shape[-1]} != query width {e}")
+      src = scale * source + positional_embedding(source)  # (B, T_k, E)
+      h_k = embed_dropout(src, deterministic=deterministic)  # separate masks for k and v
+      h_v = embed_dropout(src, deterministic=deterministic)
+      t_k = source.shape[1]
+    else:
+      h_k = h_v = None
+      t_k = x.shape[1]
+
+    if key_mask is not None:
+      key_mask = key_mask.astype(bool)
+      if key_mask.shape != (x.shape[0], t_k):
+        raise ValueError(f"key_mask has shape {key_mask.shape}; expected (B, T_k) = "
+                         f"{(x.shape[0], t_k)}")
+    for i in range(self.num_layers):
+      h = TransformerEncoderLayer(
+          self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
+          self.query_block, name=f"layers_{i}")(
+              h, h_k, h_v, causal=self.causal_mask, key_mask=key_mask,
+              deterministic=deterministic)
+    return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)
+
+
 # ---------------------------------------------------------------- one branch, one layer (pure)
 
 
@@ -181,9 +347,10 @@ class _Static(NamedTuple):
   res_dropout: bool
 
 
-def _attention(p, x, k_in, v_in, bias, key_mask, rate, key, st: _Static):
+def _attention(p, x, k_in, v_in, bias, key_mask, rate, keys, st: _Static):
   """Multi-head attention of one branch. x (B, T_q, E); k_in, v_in (B, T_k, E); bias (T_q, T_k)
-  additive mask (0 visible, -1e30 hidden); key_mask (B, T_k) bool or None."""
+  additive mask (0 visible, -1e30 hidden); key_mask (B, T_k) bool or None; keys: one dropout
+  key per query block."""
   b, t_q, e = x.shape
   h = st.num_heads
   hd = e // h
@@ -209,15 +376,19 @@ def _attention(p, x, k_in, v_in, bias, key_mask, rate, key, st: _Static):
       # A row with no visible key: zero weights instead of a uniform average over masked keys.
       visible = jnp.logical_and(key_mask[:, None, None, :k_end], bias[q0:q1, :k_end] == 0)
       weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
-    weights = _dropout(weights, rate, jax.random.fold_in(key, i), st.attn_dropout)
+    weights = _dropout(weights, rate, keys[i], st.attn_dropout)
     outs.append(jnp.einsum("bhqk,bhkc->bqhc", weights, v[:, :, :k_end]))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # (B, T_q, h, hd)
   return out.reshape(b, t_q, e) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
 
 
-def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, key, st: _Static):
+_LAYER_SITES = 3  # dropout keys of a layer besides the attention's: res, relu, res
+
+
+def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, keys, st: _Static):
   """One pre-LN layer of one branch: (cross-)attention + FFN, each with a residual connection.
-  rates: (attn, relu, res) dropout rates of this branch."""
+  rates: (attn, relu, res) dropout rates of this branch; keys: _LAYER_SITES + one per query
+  block (drawn once for all sites: every `fold_in` or `split` is a threefry hash of its own)."""
   attn_rate, relu_rate, res_rate = rates
   norm_0 = lambda y: _layer_norm(y, p["layer_norm_0"]["scale"], p["layer_norm_0"]["bias"])
   residual = x
@@ -227,14 +398,14 @@ def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, key, st: _Static):
   else:
     k_in, v_in = norm_0(k_src), norm_0(v_src)  # the same LayerNorm on q, k and v, as coded
   x = _attention(p["self_attn"], x, k_in, v_in, bias, key_mask, attn_rate,
-                 jax.random.fold_in(key, 0), st)
-  x = residual + _dropout(x, res_rate, jax.random.fold_in(key, 1), st.res_dropout)
+                 keys[_LAYER_SITES:], st)
+  x = residual + _dropout(x, res_rate, keys[0], st.res_dropout)
   residual = x
   x = _layer_norm(x, p["layer_norm_1"]["scale"], p["layer_norm_1"]["bias"])
   x = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])  # (B, T_q, 4E)
-  x = _dropout(x, relu_rate, jax.random.fold_in(key, 2), st.relu_dropout)
+  x = _dropout(x, relu_rate, keys[1], st.relu_dropout)
   x = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  return residual + _dropout(x, res_rate, jax.random.fold_in(key, 3), st.res_dropout)
+  return residual + _dropout(x, res_rate, keys[2], st.res_dropout)
 
 
 def _stack_masks(lengths, t_q, t_k, causal):
@@ -248,6 +419,30 @@ def _stack_masks(lengths, t_q, t_k, causal):
       visible[:, :tk] &= np.arange(tk)[None, :] <= np.arange(t_q)[:, None] + abs(tk - tq)
     masks[g][~visible] = _HIDDEN
   return jnp.asarray(masks)
+
+
+def _split_tree(tree, n, axis, squeeze=False):
+  """n trees of the slices of every leaf along `axis` (one `split` each: its gradient is one
+  concatenate)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  parts = [jnp.split(leaf, n, axis=axis) for leaf in leaves]
+  if squeeze:
+    parts = [[jnp.squeeze(piece, axis) for piece in p] for p in parts]
+  return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
+
+
+def _per_branch_tree(layer_params, final_norm, num_layers):
+  """One branch's stacked parameters (L, ...) -> the `TransformerEncoder` tree (`layers_{i}`)."""
+  layers = _split_tree(layer_params, num_layers, 0, squeeze=True)
+  tree = {"layer_norm": {"scale": final_norm["scale"], "bias": final_norm["bias"]}}
+  for i, p in enumerate(layers):
+    tree[f"layers_{i}"] = {
+        "layer_norm_0": p["layer_norm_0"], "layer_norm_1": p["layer_norm_1"],
+        "self_attn": {"in_proj_kernel": p["self_attn"]["in_proj_kernel"],
+                      "in_proj_bias": p["self_attn"]["in_proj_bias"],
+                      "out_proj": p["self_attn"]["out_proj"]},
+        "fc1": p["fc1"], "fc2": p["fc2"]}
+  return tree
 
 
 def _pad_to(x, t):
@@ -275,6 +470,11 @@ class TransformerStack(nn.Module):
       `query_blocks`. The same outputs, less work on long sequences.
     remat: recompute each layer's activations in the backward pass instead of storing them.
     slack: largest padded/real length ratio inside one group (see `plan_groups`).
+    compute: how the same parameters are computed. "vmap": each group of branches as one
+      vmapped computation with the layers under `lax.scan` (few, large operations: compiles in
+      seconds, and what a GPU wants); "loop": every branch on its own with the layers unrolled
+      (the same numbers; many small independent operations, which a CPU runtime overlaps on
+      its cores, at the cost of compile time).
   """
   num_heads: int
   num_layers: int
@@ -286,6 +486,7 @@ class TransformerStack(nn.Module):
   query_block: int = 0
   remat: bool = False
   slack: float = 1.25
+  compute: str = "vmap"
 
   def _params(self, g: int, e: int):
     l = self.num_layers
@@ -354,7 +555,34 @@ class TransformerStack(nn.Module):
     key = None if deterministic else self.make_rng("dropout")
 
     lengths = [(x.shape[1], s.shape[1]) for x, s in zip(xs, srcs)]
+    if self.compute not in ("vmap", "loop"):
+      raise ValueError(f"config.model.stack_compute must be 'auto', 'vmap' or 'loop', got "
+                       f"{self.compute!r}")
     outputs = [None] * g_all
+    if self.compute == "loop":
+      # One branch at a time: split (not sliced) out of the stacked parameters, so the backward
+      # pass joins the gradients with one concatenate instead of a pad + add per branch.
+      per_branch = zip(_split_tree(layer_params, g_all, 0, squeeze=True),
+                       _split_tree(final_norm, g_all, 0, squeeze=True))
+      for g, (lp, fn) in enumerate(per_branch):
+        encoder = TransformerEncoder(
+            self.num_heads, self.num_layers, attn_dropout=rates[g],
+            relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
+            embed_dropout=self.embed_dropout, causal_mask=self.causal_mask,
+            query_block=self.query_block)
+
+        def run(params, x, src, km, branch_key, encoder=encoder):
+          return encoder.apply({"params": params}, x, src, key_mask=km,
+                               deterministic=deterministic,
+                               rngs=None if branch_key is None else {"dropout": branch_key})
+
+        if self.remat:  # recompute the branch in the backward pass: one branch's activations live
+          run = jax.checkpoint(run, prevent_cse=False)
+        outputs[g] = run(_per_branch_tree(lp, fn, self.num_layers), xs[g],
+                         srcs[g] if cross else None,
+                         None if key_masks is None else key_masks[g],
+                         None if key is None else jax.random.fold_in(key, g))
+      return outputs[0] if single else outputs
     for n, group in enumerate(plan_groups(lengths, self.slack)):
       if group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
         take = lambda tree, lo=group[0], hi=group[-1] + 1: jax.tree.map(lambda a: a[lo:hi], tree)
@@ -371,8 +599,9 @@ class TransformerStack(nn.Module):
         outputs[i] = o
     return outputs[0] if single else outputs
 
-  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key):
-    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation."""
+  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key, batched=True):
+    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation
+    (`batched`), or one branch with its own parameters (no branch axis), layers unrolled."""
     lengths = [(x.shape[1], (x if srcs is None else s).shape[1])
                for x, s in zip(xs, srcs or xs)]
     t_q = max(tq for tq, _ in lengths)
@@ -399,27 +628,37 @@ class TransformerStack(nn.Module):
     keys = jax.random.split(key if training else jax.random.key(0), g)
     embed_rate = jnp.float32(self.embed_dropout)
 
+    num_sites = _LAYER_SITES + len(st.blocks)
+
     def branch(p, norm, x, src, bias, kpm, rates, key):
+      # Every dropout key of the branch from one split (3 embedding + per layer num_sites).
+      keys = jax.random.split(key, 3 + self.num_layers * num_sites)
+      layer_keys = keys[3:].reshape(self.num_layers, num_sites)
       # Input embedding: sqrt(E) x + PE(x) (padded frames are zero: PE 0 by the padding rule).
-      h = _dropout(scale * x + positional_embedding(x), embed_rate, jax.random.fold_in(key, 0),
-                   embed_on)
+      h = _dropout(scale * x + positional_embedding(x), embed_rate, keys[0], embed_on)
       h_k = h_v = None
       if src is not None:
         s = scale * src + positional_embedding(src)
-        h_k = _dropout(s, embed_rate, jax.random.fold_in(key, 1), embed_on)  # separate masks
-        h_v = _dropout(s, embed_rate, jax.random.fold_in(key, 2), embed_on)  # for k and v
+        h_k = _dropout(s, embed_rate, keys[1], embed_on)  # separate masks for k and v
+        h_v = _dropout(s, embed_rate, keys[2], embed_on)
       rate_tuple = (rates[0], rates[1], rates[2])
 
       def layer(h, xs_l):
-        p_l, index = xs_l
-        k_l = jax.random.fold_in(jax.random.fold_in(key, 3), index)
+        p_l, k_l = xs_l
         return _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st), None
 
       if self.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-      h, _ = jax.lax.scan(layer, h, (p, jnp.arange(self.num_layers)), unroll=_UNROLL)
+      if self.compute == "vmap":
+        h, _ = jax.lax.scan(layer, h, (p, layer_keys))
+      else:
+        for p_l, k_l in zip(_split_tree(p, self.num_layers, 0, squeeze=True), layer_keys):
+          h, _ = layer(h, (p_l, k_l))
       return _layer_norm(h, norm["scale"], norm["bias"])
 
+    if not batched:
+      return [branch(layer_params, final_norm, x[0], None if src is None else src[0], bias[0],
+                     None if kpm is None else kpm[0], rates[0], keys[0])]
     in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
     out = jax.vmap(branch, in_axes=in_axes)(layer_params, final_norm, x, src, bias, kpm, rates,
                                             keys)  # (G, B, T_q, E)
