@@ -12,6 +12,9 @@ def get_config():
   config.model.d_model = 8
   config.model.num_heads = 2
   config.model.num_layers = 1
+  # Compile time dominates a tiny model: the stacked transformers as vmapped computations
+  # compile several times faster than branch by branch (the same numbers).
+  config.model.stack_compute = "vmap"
   config.gd.homo_hidden = 8
   config.gd.hetero_hidden = 8
   config.dm.num_elements = 16

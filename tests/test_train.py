@@ -156,7 +156,9 @@ def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
   for mode in ("vmap", "scan"):
     config.train.accumulate = mode
     new_state, _ = jax.jit(steps.make_train_step(config, model))(state, batch, key)
-    chex.assert_trees_all_close(new_state.params, expected, atol=1e-6, rtol=1e-5)
+    # atol 1e-5: an Adam step of a near-zero accumulated gradient is +-lr times a ratio that
+    # rounding (vmapped vs looped micro-batches) moves by ~1e-6; a missed clip moves far more.
+    chex.assert_trees_all_close(new_state.params, expected, atol=1e-5, rtol=1e-5)
   # Clipping once at the end would give another update: the bound really acts per micro-batch.
   once = jnp.clip(sum(ravel_pytree(grad(state.params, jax.tree.map(lambda a: a[u], batch),
                                         keys[u]))[0] for u in range(3)), -0.01, 0.01)
