@@ -89,7 +89,7 @@ def get_config():
   # each kind as one vmapped computation, layers under lax.scan (few, large operations: compiles
   # in seconds; what a GPU wants); "loop": branch by branch, layers unrolled (the same numbers;
   # the CPU runtime overlaps the independent small operations on its cores); "auto": "loop" on
-  # a CPU, "vmap" on GPU/TPU.
+  # a CPU, "vmap" on GPU/TPU and whenever remat is on (only then does remat bound the memory).
   config.model.stack_compute = "auto"
   # Mask zero-padded frames of unaligned data as attention keys (not in the DMD code; opt-in).
   config.model.key_padding_mask = False

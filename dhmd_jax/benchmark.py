@@ -219,7 +219,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
                     config.train.accumulate, config.model.attention_query_block, config.model.remat,
-                    dhmd_model.resolve_stack_compute(config.model.stack_compute),
+                    dhmd_model.resolve_stack_compute(config.model.stack_compute,
+                                                     config.model.remat),
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     _EVAL_BATCH.value, fraction)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The prepared GPU check of issue 5, as one script for the `device` tool (H100/H200, python3.12
+# The prepared GPU check (issues 5 and 9), as one script for the `device` tool (H100/H200, python3.12
 # with jax/flax/optax/orbax/chex preinstalled; ml-collections and tensorboardX travel as wheels
 # in .whl/, see README "Performance"). Writes everything under $OUT. Sized for one device call
 # (600 s at most) of a 15-minute device budget; each part has its own time limit so that a slow

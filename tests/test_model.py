@@ -686,6 +686,8 @@ def test_bad_inputs_fail_with_a_message():
     build_model(tiny_config(fusion="sum"), num_outputs=1)
   with pytest.raises(ValueError, match="config.model.attention_query_block"):
     build_model(tiny_config(attention_query_block=-1), num_outputs=1)
+  with pytest.raises(ValueError, match="config.model.stack_compute = 'scan' is invalid"):
+    build_model(tiny_config(stack_compute="scan"), num_outputs=1)
   x = jnp.ones((2, 5, 8))
   with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\); expected"):
     TransformerStack(num_heads=2, num_layers=1).init(

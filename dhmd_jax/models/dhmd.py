@@ -116,7 +116,7 @@ class ModelSettings:
         gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
         dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
         dm_detach_input=bool(dm.detach_input), remat=bool(m.remat),
-        stack_compute=resolve_stack_compute(m.stack_compute))
+        stack_compute=resolve_stack_compute(m.stack_compute, bool(m.remat)))
     settings.validate()
     return settings
 
@@ -144,10 +144,12 @@ class ModelSettings:
       bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
 
 
-def resolve_stack_compute(value: str) -> str:
-  """config.model.stack_compute with "auto" resolved for the default backend."""
+def resolve_stack_compute(value: str, remat: bool = False) -> str:
+  """config.model.stack_compute with "auto" resolved: "loop" on a CPU without remat, else
+  "vmap" (with remat only the scanned layers bound the memory: XLA's CPU scheduler runs the
+  independent branches of "loop" side by side and their recomputed activations with them)."""
   if value == "auto":
-    return "loop" if jax.default_backend() == "cpu" else "vmap"
+    return "loop" if jax.default_backend() == "cpu" and not remat else "vmap"
   return value
 
 

@@ -163,12 +163,19 @@ class MultiheadAttention(nn.Module):
     head_dim = e // self.num_heads
     w = self.param("in_proj_kernel", _XAVIER_UNIFORM, (e, 3 * e))  # torch in_proj_weight.T
     bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
-    q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
     # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
     # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
     # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
-    k = key @ w[:, e:2 * e] + jax.lax.stop_gradient(bias[e:2 * e])  # (B, T_k, E)
-    v = value @ w[:, 2 * e:] + bias[2 * e:]  # (B, T_k, E)
+    bias = jnp.concatenate([bias[:e], jax.lax.stop_gradient(bias[e:2 * e]), bias[2 * e:]])
+    if query is key and key is value:  # self-attention: one (E, 3E) product
+      q, k, v = jnp.split(query @ w + bias, 3, axis=-1)
+    elif key is value:  # cross-modal with one source: q, then k and v in one (E, 2E) product
+      q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
+      k, v = jnp.split(key @ w[:, e:] + bias[e:], 2, axis=-1)  # (B, T_k, E) each
+    else:
+      q = query @ w[:, :e] + bias[:e]
+      k = key @ w[:, e:2 * e] + bias[e:2 * e]
+      v = value @ w[:, 2 * e:] + bias[2 * e:]
     q = q * head_dim**-0.5
     q = q.reshape(b, t_q, self.num_heads, head_dim)
     k = k.reshape(b, t_k, self.num_heads, head_dim)
@@ -208,8 +215,8 @@ class TransformerEncoderLayer(nn.Module):
   query_block: int = 0
 
   @nn.compact
-  def __call__(self, x, x_k=None, x_v=None, *, causal: bool, key_mask=None,
-               deterministic: bool):
+  def __call__(self, x, x_k=None, x_v=None, key_mask=None, causal: bool = True,
+               deterministic: bool = True):
     """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention; key_mask (B, T_k)."""
     e = x.shape[-1]
     norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
@@ -217,6 +224,8 @@ class TransformerEncoderLayer(nn.Module):
     x = norm_0(x)
     if x_k is None:
       k = v = x
+    elif x_k is x_v:  # no embedding dropout: key and value are one array, normalised once
+      k = v = norm_0(x_k)
     else:
       k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
     x = MultiheadAttention(self.num_heads, self.attn_dropout, self.query_block,
@@ -255,6 +264,7 @@ class TransformerEncoder(nn.Module):
   embed_dropout: float = 0.0
   causal_mask: bool = True
   query_block: int = 0
+  remat: bool = False
 
   @nn.compact
   def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
@@ -291,12 +301,15 @@ class TransformerEncoder(nn.Module):
       if key_mask.shape != (x.shape[0], t_k):
         raise ValueError(f"key_mask has shape {key_mask.shape}; expected (B, T_k) = "
                          f"{(x.shape[0], t_k)}")
+    # remat: each layer's activations are recomputed in the backward pass (causal and
+    # deterministic are static: positions 5 and 6 counting self).
+    layer_cls = (nn.remat(TransformerEncoderLayer, static_argnums=(5, 6)) if self.remat
+                 else TransformerEncoderLayer)
     for i in range(self.num_layers):
-      h = TransformerEncoderLayer(
+      h = layer_cls(
           self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
           self.query_block, name=f"layers_{i}")(
-              h, h_k, h_v, causal=self.causal_mask, key_mask=key_mask,
-              deterministic=deterministic)
+              h, h_k, h_v, key_mask, self.causal_mask, deterministic)
     return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)
 
 
@@ -569,15 +582,13 @@ class TransformerStack(nn.Module):
             self.num_heads, self.num_layers, attn_dropout=rates[g],
             relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
             embed_dropout=self.embed_dropout, causal_mask=self.causal_mask,
-            query_block=self.query_block)
+            query_block=self.query_block, remat=self.remat)
 
         def run(params, x, src, km, branch_key, encoder=encoder):
           return encoder.apply({"params": params}, x, src, key_mask=km,
                                deterministic=deterministic,
                                rngs=None if branch_key is None else {"dropout": branch_key})
 
-        if self.remat:  # recompute the branch in the backward pass: one branch's activations live
-          run = jax.checkpoint(run, prevent_cse=False)
         outputs[g] = run(_per_branch_tree(lp, fn, self.num_layers), xs[g],
                          srcs[g] if cross else None,
                          None if key_masks is None else key_masks[g],
