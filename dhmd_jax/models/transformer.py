@@ -23,6 +23,12 @@ of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of t
   query row with no visible key gets all-zero weights (so its attention output is out_proj's
   bias), never NaN.
 
+The model holds the transformers of one kind as one `TransformerStack` (parameters with a
+leading branch axis G and a layer axis L) and computes it either vmapped over the branches with
+the layers under `lax.scan` (pure functions below `_layer_norm`; few, large operations) or branch
+by branch through `TransformerEncoder` (the per-branch Flax modules, layers unrolled). Both give
+the same numbers (`tests/test_stacked.py`).
+
 LayerNorms use PyTorch's epsilon 1e-5. Arrays are batch-major (B, T, E) here; the reference is
 time-major (T, B, E), which changes nothing in the maths.
 """
