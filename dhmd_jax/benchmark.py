@@ -218,7 +218,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   jax.block_until_ready(predict(states.params, eval_data))
   eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
-                    config.train.accumulate, config.model.attention_query_block, config.model.remat,
+                    config.train.accumulate, config.model.attention_query_block,
+                    config.model.remat,
                     dhmd_model.resolve_stack_compute(config.model.stack_compute,
                                                      config.model.remat),
                     max(first - best, 0.0), ms_per_step,

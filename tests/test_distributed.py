@@ -19,6 +19,8 @@ import time
 
 import numpy as np
 
+from test_parallel import TINY_CHUNK_SETUP
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600  # for all four children together
 
@@ -46,15 +48,7 @@ assert jax.process_count() == num_processes, jax.process_count()
 assert jax.process_index() == process_id, jax.process_index()
 assert len(jax.local_devices()) == local_devices, jax.local_devices()
 assert len(jax.devices()) == num_processes * local_devices, jax.devices()
-config = tiny.get_config()
-config.train.seeds = (1111, 1112)
-dataset = data_lib.load_dataset(config.dataset, workdir=tempfile.mkdtemp())
-model = train_lib.build(config, dataset)
-host = train_lib.split_arrays(dataset.splits["train"], "regression")
-init_keys, order_keys, dropout_keys = train_lib.seed_keys(config.train.seeds)
-index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=4,
-                          micro_per_step=2)
-# The outputs are replicated: every process reads the whole value from its own device.
+""" + TINY_CHUNK_SETUP + r"""# The outputs are replicated: every process reads the whole value from its own device.
 fetch = lambda a: np.asarray(a.addressable_data(0))
 out = {"process_count": jax.process_count(), "process_index": jax.process_index(),
        "devices": len(jax.devices())}

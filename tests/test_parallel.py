@@ -8,6 +8,19 @@ import sys
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+# The tiny train chunk's inputs, shared by the child scripts here and in test_distributed.py:
+# two seeds, 4 steps of 2 micro-batches of 8 samples.
+TINY_CHUNK_SETUP = """
+config = tiny.get_config()
+config.train.seeds = (1111, 1112)
+dataset = data_lib.load_dataset(config.dataset, workdir=tempfile.mkdtemp())
+model = train_lib.build(config, dataset)
+host = train_lib.split_arrays(dataset.splits["train"], "regression")
+init_keys, order_keys, dropout_keys = train_lib.seed_keys(config.train.seeds)
+index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=4,
+                          micro_per_step=2)
+"""
+
 CHILD = r"""
 import json, sys, tempfile
 import jax
@@ -18,15 +31,7 @@ from configs import tiny
 from dhmd_jax import data as data_lib, parallel, steps, train as train_lib
 
 assert len(jax.devices()) == 4, jax.devices()
-config = tiny.get_config()
-config.train.seeds = (1111, 1112)
-dataset = data_lib.load_dataset(config.dataset, workdir=tempfile.mkdtemp())
-model = train_lib.build(config, dataset)
-host = train_lib.split_arrays(dataset.splits["train"], "regression")
-init_keys, order_keys, dropout_keys = train_lib.seed_keys(config.train.seeds)
-index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=4,
-                          micro_per_step=2)
-out = {}
+""" + TINY_CHUNK_SETUP + r"""out = {}
 for n in (1, 4):
   mesh = parallel.make_mesh(n)
   data = jax.device_put(host, parallel.replicated(mesh))

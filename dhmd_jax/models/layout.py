@@ -130,8 +130,8 @@ def convert_v1_train_state(state, *, batch_dims: int = 1):
   parameter-sized vector (Adam's moments over `ravel_pytree(params)`) is re-ordered to match.
   """
   v1_params = state.params
-  size = ravel_pytree(jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params))[0].shape[0]
-  template = jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params)
+  template = jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params)  # one seed's tree
+  size = ravel_pytree(template)[0].shape[0]
 
   def vector(leaf):
     if leaf.ndim != batch_dims + 1 or leaf.shape[-1] != size:

@@ -440,28 +440,20 @@ def _stack_masks(lengths, t_q, t_k, causal):
   return jnp.asarray(masks)
 
 
-def _split_tree(tree, n, axis, squeeze=False):
-  """n trees of the slices of every leaf along `axis` (one `split` each: its gradient is one
-  concatenate)."""
+def _split_tree(tree, n):
+  """n trees of the slices of every leaf along axis 0, that axis dropped (one `split` per leaf:
+  its gradient is one concatenate, not a pad + add per slice)."""
   leaves, treedef = jax.tree.flatten(tree)
-  parts = [jnp.split(leaf, n, axis=axis) for leaf in leaves]
-  if squeeze:
-    parts = [[jnp.squeeze(piece, axis) for piece in p] for p in parts]
+  parts = [[jnp.squeeze(piece, 0) for piece in jnp.split(leaf, n, axis=0)] for leaf in leaves]
   return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
 
 
 def _per_branch_tree(layer_params, final_norm, num_layers):
-  """One branch's stacked parameters (L, ...) -> the `TransformerEncoder` tree (`layers_{i}`)."""
-  layers = _split_tree(layer_params, num_layers, 0, squeeze=True)
-  tree = {"layer_norm": {"scale": final_norm["scale"], "bias": final_norm["bias"]}}
-  for i, p in enumerate(layers):
-    tree[f"layers_{i}"] = {
-        "layer_norm_0": p["layer_norm_0"], "layer_norm_1": p["layer_norm_1"],
-        "self_attn": {"in_proj_kernel": p["self_attn"]["in_proj_kernel"],
-                      "in_proj_bias": p["self_attn"]["in_proj_bias"],
-                      "out_proj": p["self_attn"]["out_proj"]},
-        "fc1": p["fc1"], "fc2": p["fc2"]}
-  return tree
+  """One branch's stacked parameters (L, ...) -> the `TransformerEncoder` tree: the per-layer
+  tree `_params` builds is already a `TransformerEncoderLayer`'s, so each layer's slice is
+  `layers_{i}` as it is."""
+  layers = _split_tree(layer_params, num_layers)
+  return {"layer_norm": final_norm, **{f"layers_{i}": p for i, p in enumerate(layers)}}
 
 
 def _pad_to(x, t):
@@ -574,31 +566,25 @@ class TransformerStack(nn.Module):
     key = None if deterministic else self.make_rng("dropout")
 
     lengths = [(x.shape[1], s.shape[1]) for x, s in zip(xs, srcs)]
-    if self.compute not in ("vmap", "loop"):
-      raise ValueError(f"config.model.stack_compute must be 'auto', 'vmap' or 'loop', got "
+    if self.compute not in ("vmap", "loop"):  # the model's config is checked in ModelSettings
+      raise ValueError(f"TransformerStack.compute must be 'vmap' or 'loop', got "
                        f"{self.compute!r}")
     outputs = [None] * g_all
     if self.compute == "loop":
       # One branch at a time: split (not sliced) out of the stacked parameters, so the backward
       # pass joins the gradients with one concatenate instead of a pad + add per branch.
-      per_branch = zip(_split_tree(layer_params, g_all, 0, squeeze=True),
-                       _split_tree(final_norm, g_all, 0, squeeze=True))
+      per_branch = zip(_split_tree(layer_params, g_all), _split_tree(final_norm, g_all))
       for g, (lp, fn) in enumerate(per_branch):
         encoder = TransformerEncoder(
             self.num_heads, self.num_layers, attn_dropout=rates[g],
             relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
             embed_dropout=self.embed_dropout, causal_mask=self.causal_mask,
             query_block=self.query_block, remat=self.remat)
-
-        def run(params, x, src, km, branch_key, encoder=encoder):
-          return encoder.apply({"params": params}, x, src, key_mask=km,
-                               deterministic=deterministic,
-                               rngs=None if branch_key is None else {"dropout": branch_key})
-
-        outputs[g] = run(_per_branch_tree(lp, fn, self.num_layers), xs[g],
-                         srcs[g] if cross else None,
-                         None if key_masks is None else key_masks[g],
-                         None if key is None else jax.random.fold_in(key, g))
+        outputs[g] = encoder.apply(
+            {"params": _per_branch_tree(lp, fn, self.num_layers)}, xs[g],
+            srcs[g] if cross else None, key_mask=None if key_masks is None else key_masks[g],
+            deterministic=deterministic,
+            rngs=None if key is None else {"dropout": jax.random.fold_in(key, g)})
       return outputs[0] if single else outputs
     for n, group in enumerate(plan_groups(lengths, self.slack)):
       if group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
@@ -616,9 +602,8 @@ class TransformerStack(nn.Module):
         outputs[i] = o
     return outputs[0] if single else outputs
 
-  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key, batched=True):
-    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation
-    (`batched`), or one branch with its own parameters (no branch axis), layers unrolled."""
+  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key):
+    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation."""
     lengths = [(x.shape[1], (x if srcs is None else s).shape[1])
                for x, s in zip(xs, srcs or xs)]
     t_q = max(tq for tq, _ in lengths)
@@ -664,18 +649,11 @@ class TransformerStack(nn.Module):
         p_l, k_l = xs_l
         return _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st), None
 
-      if self.remat:
+      if self.remat:  # prevent_cse=False: inside scan, CSE cannot undo the recomputation
         layer = jax.checkpoint(layer, prevent_cse=False)
-      if self.compute == "vmap":
-        h, _ = jax.lax.scan(layer, h, (p, layer_keys))
-      else:
-        for p_l, k_l in zip(_split_tree(p, self.num_layers, 0, squeeze=True), layer_keys):
-          h, _ = layer(h, (p_l, k_l))
+      h, _ = jax.lax.scan(layer, h, (p, layer_keys))
       return _layer_norm(h, norm["scale"], norm["bias"])
 
-    if not batched:
-      return [branch(layer_params, final_norm, x[0], None if src is None else src[0], bias[0],
-                     None if kpm is None else kpm[0], rates[0], keys[0])]
     in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
     out = jax.vmap(branch, in_axes=in_axes)(layer_params, final_norm, x, src, bias, kpm, rates,
                                             keys)  # (G, B, T_q, E)
