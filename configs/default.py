@@ -11,7 +11,6 @@ the README's fidelity table lists them.
 
 import ml_collections
 
-MODALITIES = ("text", "vision", "audio")  # model order (l, v, a), as in the DMD code
 
 
 def get_config():

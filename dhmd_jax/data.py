@@ -34,8 +34,8 @@ import tempfile
 import numpy as np
 
 from dhmd_jax import synthetic
+from dhmd_jax.names import MODALITIES
 
-MODALITIES = ("text", "vision", "audio")  # model order (l, v, a), as in configs/default.py
 SPLITS = ("train", "valid", "test")
 FORMATS = ("mmsa", "multibench")
 TASKS = ("regression", "binary")
@@ -634,3 +634,23 @@ def _nonfinite_error(path, split, key, count):
   return DataError(f"{path}: split '{split}' key '{key}' has {count} non-finite values "
                    f"(-inf/NaN); set --config.dataset.nonfinite=zero to replace them by 0 "
                    f"(as MMSA does) or fix the file")
+
+
+# ----------------------------------------------------------------------------- batch layout
+
+
+def split_arrays(split, task):
+  """Host arrays of a split in the model's batch layout: {text, text_mask, vision, ...,
+  label} (labels int32 class ids for binary tasks, float32 otherwise)."""
+  arrays = {}
+  for m in MODALITIES:
+    arrays[m] = split.features[m]
+    arrays[f"{m}_mask"] = split.masks[m]
+  arrays["label"] = (split.labels.astype(np.int32) if task == "binary"
+                     else split.labels.astype(np.float32))
+  return arrays
+
+
+def nbytes(arrays):
+  """Bytes of a dict of arrays (memmaps count their full size)."""
+  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays.values())

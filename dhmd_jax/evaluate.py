@@ -11,6 +11,7 @@ import numpy as np
 
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
+from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
@@ -27,7 +28,7 @@ def _restore(config, workdir, which):
   seeds = [int(s) for s in config.train.seeds]
   init_keys, _, _ = train_lib.seed_keys(seeds)
   sample = jax.tree.map(lambda a: a[:config.train.batch_size],
-                        train_lib.split_arrays(dataset.splits["train"], config.dataset.task))
+                        data_lib.split_arrays(dataset.splits["train"], config.dataset.task))
   abstract = jax.eval_shape(
       jax.vmap(lambda k: steps.init_state(config, model, sample, k)), init_keys)
   ckpt = checkpoint.Checkpointer(workdir)
@@ -51,7 +52,7 @@ def _predict(config, workdir, split, which):
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   dataset, model, params = _restore(config, workdir, which)
-  arrays = train_lib.split_arrays(dataset.splits[split], config.dataset.task)
+  arrays = data_lib.split_arrays(dataset.splits[split], config.dataset.task)
   predict = steps.make_predict(model, batch_size=config.train.eval_batch_size)
   preds = np.asarray(predict(params, jax.device_put(arrays)))
   return dataset, arrays["label"], preds
@@ -60,7 +61,7 @@ def _predict(config, workdir, split, which):
 def evaluate(config, workdir, *, split="test", which="best"):
   """Metrics of every seed's model on `split`: {"per_seed": {...}, "summary": {...}}."""
   _, labels, preds = _predict(config, workdir, split, which)
-  per_seed = train_lib.split_metrics(config, preds, labels)
+  per_seed = metrics_lib.split_metrics(config, preds, labels)
   result = {"split": split, "checkpoint": which, "seeds": [int(s) for s in config.train.seeds],
             "per_seed": per_seed, "summary": reporting.summarize_seeds(per_seed)}
   reporting.write_json(os.path.join(workdir, f"eval_{split}_{which}.json"), result)
@@ -71,7 +72,7 @@ def predict(config, workdir, *, split="test", which="best", output=""):
   """Writes per-sample predictions with their ids to CSV; returns the path."""
   dataset, labels, preds = _predict(config, workdir, split, which)
   path = output or os.path.join(workdir, f"predictions_{split}_{which}.csv")
-  train_lib.write_predictions(path, dataset.splits[split].ids, labels,
-                              train_lib.point_predictions(config.dataset.task, preds),
+  reporting.write_predictions(path, dataset.splits[split].ids, labels,
+                              metrics_lib.point_predictions(config.dataset.task, preds),
                               [int(s) for s in config.train.seeds])
   return path

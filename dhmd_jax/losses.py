@@ -22,9 +22,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
+from dhmd_jax.names import EDGES
+
 # (student j, teacher i) for the 6 directed edges, DMD-code order:
 # V->L, A->L, L->V, A->V, L->A, V->A.
-EDGES = ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1))
 _STUDENTS = tuple(j for j, _ in EDGES)
 _TEACHERS = tuple(i for _, i in EDGES)
 

@@ -251,7 +251,46 @@ def compute_metrics(dataset_name, predictions, labels, *, decimals=4):
       f" {_REGRESSION + _SIMS + _BINARY}.")
 
 
-def selection_mae(predictions, labels):
-  """Unrounded mean |p - y| as a Python float, for model selection on the validation split."""
-  p, y = _as_float_pair(predictions, labels, "selection_mae")
-  return float(np.mean(np.abs(p.astype(np.float64) - y.astype(np.float64))))
+# ----------------------------------------------------------------------------- per run
+
+
+def metrics_dataset(config):
+  """The dataset whose metrics apply: synthetic data takes those of the data it imitates."""
+  if config.dataset.name != "synthetic":
+    return config.dataset.name
+  if config.dataset.task == "binary":
+    return "mustard"
+  return "sims" if config.dataset.synthetic.like == "sims" else "synthetic"
+
+
+def metric_family(dataset_name, task):
+  """Which table layout a run's metrics use: "binary", "sims" or "regression"."""
+  if task == "binary":
+    return "binary"
+  return "sims" if dataset_name == "sims" else "regression"
+
+
+def point_predictions(task, preds):
+  """(S, N, O) raw outputs -> (S, N) predictions the metrics take (values or class ids)."""
+  return np.argmax(preds, axis=-1) if task == "binary" else preds[..., 0]
+
+
+def split_metrics(config, preds, labels):
+  """{metric: [value per seed]} for one split, from (S, N, O) raw outputs."""
+  per_seed = [compute_metrics(metrics_dataset(config), p, labels)
+              for p in point_predictions(config.dataset.task, preds)]
+  return {k: [m[k] for m in per_seed] for k in per_seed[0]}
+
+
+def selection_loss(task, preds, labels):
+  """Unrounded validation loss used for selection, plateau and early stopping, per seed: (S,).
+
+  Regression: mean |p - y| (MAE); binary: cross-entropy of the two logits, both in float64.
+  """
+  if task == "binary":
+    logits = preds.astype(np.float64)
+    logits = logits - logits.max(axis=-1, keepdims=True)
+    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+    picked = np.take_along_axis(logp, labels[None, :, None].astype(np.int64), axis=-1)
+    return -picked[..., 0].mean(-1)
+  return np.abs(preds[..., 0].astype(np.float64) - labels[None].astype(np.float64)).mean(-1)

@@ -8,9 +8,9 @@ flat dict of every named term (for logs), plus the mean GD edge weights for insp
 import jax.numpy as jnp
 
 from dhmd_jax import losses
+from dhmd_jax.names import EDGE_NAMES
 
 # Names of the directed GD edges in the model's edge order (student j <- teacher i).
-EDGE_NAMES = ("V->L", "A->L", "L->V", "A->V", "L->A", "V->A")
 
 
 def task_kind(config):

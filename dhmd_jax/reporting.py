@@ -4,6 +4,7 @@ bar, the one-line epoch summary, and the final report (results.json and results.
 TensorBoard files come from tensorboardX, a light writer with no TensorFlow dependency.
 """
 
+import csv
 import json
 import math
 import os
@@ -20,12 +21,6 @@ HEADLINE = {
     "binary": ("Accuracy", "Precision", "Recall", "F1_score", "Precision_pos", "Recall_pos",
                "F1_pos"),
 }
-
-
-def metric_family(dataset_name, task):
-  if task == "binary":
-    return "binary"
-  return "sims" if dataset_name == "sims" else "regression"
 
 
 def _jsonable(value):
@@ -222,3 +217,15 @@ def epoch_line(epoch, num_epochs, *, train_loss, valid, test, lr, active, family
   parts.append(f"active {int(np.sum(active))}/{len(active)}")
   parts.append(f"{seconds:.1f}s")
   return " | ".join(parts)
+
+
+def write_predictions(path, ids, labels, preds, seeds):
+  """CSV with one row per sample: id, label, and the prediction of every seed (atomic write)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
+    writer = csv.writer(f)
+    writer.writerow(["id", "label"] + [f"prediction_seed_{s}" for s in seeds])
+    for i, sample_id in enumerate(ids):
+      writer.writerow([sample_id, labels[i]] + [repr(float(p[i])) if preds.dtype.kind == "f"
+                                                else int(p[i]) for p in preds])
+  os.replace(tmp, path)

@@ -37,7 +37,8 @@ import sys
 
 import numpy as np
 
-MODALITIES = ("text", "vision", "audio")
+from dhmd_jax.names import MODALITIES
+
 SPLITS = ("train", "valid", "test")
 LAYOUTS = ("mmsa", "multibench")
 

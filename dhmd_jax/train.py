@@ -31,7 +31,6 @@ from dhmd_jax import schedule
 from dhmd_jax import steps
 from dhmd_jax.models import dhmd as dhmd_model
 
-MODALITIES = ("text", "vision", "audio")
 # Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("train.num_epochs", "train.steps_per_chunk", "train.eval_batch_size",
                       "train.eval_test_every_epoch", "train.device_data_limit_bytes",
@@ -43,21 +42,6 @@ class TrainingError(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def split_arrays(split, task):
-  """Host arrays of a split in the model's batch layout."""
-  arrays = {}
-  for m in MODALITIES:
-    arrays[m] = split.features[m]
-    arrays[f"{m}_mask"] = split.masks[m]
-  arrays["label"] = (split.labels.astype(np.int32) if task == "binary"
-                     else split.labels.astype(np.float32))
-  return arrays
-
-
-def nbytes(arrays):
-  return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in arrays.values())
 
 
 def num_outputs(config):
@@ -92,37 +76,6 @@ def seed_keys(seeds, dropout_rng="threefry"):
     keys[2] = jnp.stack([jax.random.fold_in(jax.random.key(int(s), impl="rbg"), 2)
                          for s in seeds])
   return tuple(keys)
-
-
-def selection_loss(task, preds, labels):
-  """Validation loss used for selection, plateau and early stopping, per seed: (S,)."""
-  if task == "binary":
-    logits = preds.astype(np.float64)
-    logits = logits - logits.max(axis=-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    return -np.take_along_axis(logp, labels[None, :, None].astype(np.int64), axis=-1)[..., 0].mean(-1)
-  return np.abs(preds[..., 0].astype(np.float64) - labels[None].astype(np.float64)).mean(-1)
-
-
-def point_predictions(task, preds):
-  """(S, N, O) raw outputs -> (S, N) predictions the metrics take (values or class ids)."""
-  return np.argmax(preds, axis=-1) if task == "binary" else preds[..., 0]
-
-
-def split_metrics(config, preds, labels):
-  """{metric: [value per seed]} for one split."""
-  per_seed = [metrics_lib.compute_metrics(metrics_dataset(config), p, labels)
-              for p in point_predictions(config.dataset.task, preds)]
-  return {k: [m[k] for m in per_seed] for k in per_seed[0]}
-
-
-def metrics_dataset(config):
-  """The dataset whose metrics apply: synthetic data takes those of the data it imitates."""
-  if config.dataset.name != "synthetic":
-    return config.dataset.name
-  if config.dataset.task == "binary":
-    return "mustard"
-  return "sims" if config.dataset.synthetic.like == "sims" else "synthetic"
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -185,7 +138,7 @@ def train_and_evaluate(config, workdir):
   task = config.dataset.task
   seeds = [int(s) for s in config.train.seeds]
   num_seeds = len(seeds)
-  family = reporting.metric_family(metrics_dataset(config), task)
+  family = metrics_lib.metric_family(metrics_lib.metrics_dataset(config), task)
 
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
   print(data_lib.summarize(dataset), flush=True)
@@ -193,7 +146,7 @@ def train_and_evaluate(config, workdir):
 
   batch_size = config.train.batch_size
   micro = config.train.update_epochs
-  host = {name: split_arrays(dataset.splits[name], task) for name in ("train", "valid", "test")}
+  host = {name: data_lib.split_arrays(dataset.splits[name], task) for name in ("train", "valid", "test")}
   num_train = host["train"]["label"].shape[0]
   steps_per_epoch = (num_train // batch_size) // micro
   if steps_per_epoch < 1:
@@ -202,11 +155,11 @@ def train_and_evaluate(config, workdir):
         f"batch_size {batch_size} x update_epochs {micro}; lower train.batch_size or "
         f"train.update_epochs")
 
-  on_device = nbytes(host["train"]) <= config.train.device_data_limit_bytes
+  on_device = data_lib.nbytes(host["train"]) <= config.train.device_data_limit_bytes
   if not on_device:
     logging.warning("training arrays (%.1f GB) exceed train.device_data_limit_bytes; "
                     "they are copied to the device anyway (host streaming is not implemented)",
-                    nbytes(host["train"]) / 1e9)
+                    data_lib.nbytes(host["train"]) / 1e9)
   mesh = parallel.make_mesh(config.train.num_devices)
   parallel.check_divisible(mesh, batch_size, "config.train.batch_size")
   parallel.check_divisible(mesh, config.train.eval_batch_size, "config.train.eval_batch_size")
@@ -284,11 +237,11 @@ def train_and_evaluate(config, workdir):
       train_means = {name: value / count for name, value in sums.items()}
 
       valid_preds = np.asarray(predict(states.params, device["valid"]))
-      valid_metrics = split_metrics(config, valid_preds, labels["valid"])
-      valid_loss = selection_loss(task, valid_preds, labels["valid"])
+      valid_metrics = metrics_lib.split_metrics(config, valid_preds, labels["valid"])
+      valid_loss = metrics_lib.selection_loss(task, valid_preds, labels["valid"])
       test_metrics = {}
       if config.train.eval_test_every_epoch:
-        test_metrics = split_metrics(config, np.asarray(predict(states.params, device["test"])),
+        test_metrics = metrics_lib.split_metrics(config, np.asarray(predict(states.params, device["test"])),
                                      labels["test"])
       lr_used = sched["lr"].copy()
       sched, improved = schedule.update(
@@ -328,8 +281,8 @@ def train_and_evaluate(config, workdir):
   # --------------------------------------------------------------------------- final test
   best_valid_preds = np.asarray(predict(best_params, device["valid"]))
   best_test_preds = np.asarray(predict(best_params, device["test"]))
-  test = split_metrics(config, best_test_preds, labels["test"])
-  valid = split_metrics(config, best_valid_preds, labels["valid"])
+  test = metrics_lib.split_metrics(config, best_test_preds, labels["test"])
+  valid = metrics_lib.split_metrics(config, best_valid_preds, labels["valid"])
   results = {
       "dataset": config.dataset.name, "task": task, "metric_family": family,
       "seeds": seeds, "best_epoch": sched["best_epoch"].tolist(),
@@ -341,8 +294,8 @@ def train_and_evaluate(config, workdir):
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
   }
-  write_predictions(os.path.join(workdir, "predictions_test.csv"), dataset.splits["test"].ids,
-                    labels["test"], point_predictions(task, best_test_preds), seeds)
+  reporting.write_predictions(os.path.join(workdir, "predictions_test.csv"), dataset.splits["test"].ids,
+                    labels["test"], metrics_lib.point_predictions(task, best_test_preds), seeds)
   reporting.write_json(os.path.join(workdir, "results.json"), results)
   markdown = reporting.markdown_report(results)
   with open(os.path.join(workdir, "results.md"), "w") as f:
@@ -363,16 +316,3 @@ def _tensorboard_scalars(record, seeds):
     scalars["valid/selection_loss"] = record["valid_loss"][i]
     out[seed] = scalars
   return out
-
-
-def write_predictions(path, ids, labels, preds, seeds):
-  """CSV with one row per sample: id, label, and the prediction of every seed."""
-  import csv  # pylint: disable=g-import-not-at-top
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
-    writer = csv.writer(f)
-    writer.writerow(["id", "label"] + [f"prediction_seed_{s}" for s in seeds])
-    for i, sample_id in enumerate(ids):
-      writer.writerow([sample_id, labels[i]] + [repr(float(p[i])) if preds.dtype.kind == "f"
-                                                else int(p[i]) for p in preds])
-  os.replace(tmp, path)

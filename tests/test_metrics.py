@@ -172,6 +172,11 @@ def test_compute_metrics_dispatch_and_errors():
     metrics.binary_metrics(np.array([0.3, 1.0]), np.array([0, 1]))
 
 
-def test_selection_mae_is_unrounded_float():
-  got = metrics.selection_mae(np.array([1 / 3, 0.0]), np.array([0.0, 0.0]))
-  assert isinstance(got, float) and got == pytest.approx(1 / 6, abs=1e-15)
+def test_selection_loss_is_unrounded_mae_and_cross_entropy():
+  preds = np.array([[[1 / 3], [0.0]], [[0.0], [0.5]]])  # (S=2, N=2, O=1)
+  got = metrics.selection_loss("regression", preds, np.array([0.0, 0.0]))
+  np.testing.assert_allclose(got, [1 / 6, 1 / 4], rtol=0, atol=1e-15)
+  logits = np.array([[[2.0, -1.0], [0.5, 0.25]]])  # (S=1, N=2, O=2)
+  labels = np.array([1, 0])
+  brute = np.mean([-np.log(np.exp(l[y]) / np.exp(l).sum()) for l, y in zip(logits[0], labels)])
+  np.testing.assert_allclose(metrics.selection_loss("binary", logits, labels), [brute], rtol=1e-12)

@@ -25,7 +25,7 @@ from dhmd_jax.models import edges_to_matrix
 from dhmd_jax.models.decoupling import FeatureDecoupling
 from dhmd_jax.models.decoupling import conv_frame_mask
 from dhmd_jax.models.dictionary import DictionaryMatching
-from dhmd_jax.models.gd_unit import EDGE_PAIRS
+from dhmd_jax.names import EDGES
 from dhmd_jax.models.gd_unit import GDUnit
 from dhmd_jax.models.heads import torch_linear
 from dhmd_jax.models import transformer
@@ -47,7 +47,7 @@ def _load_config_module(name):
 default = _load_config_module("default")
 ablations = _load_config_module("ablations")
 
-MODALITIES = ("text", "vision", "audio")
+from dhmd_jax.names import MODALITIES
 
 
 # ---------------------------------------------------------------- helpers
@@ -290,7 +290,7 @@ def test_edges_to_matrix_layout():
   batched = edges_to_matrix(jnp.stack([w, 2 * w]))  # leading dims are kept
   chex.assert_shape(batched, (2, 3, 3))
   np.testing.assert_array_equal(batched[1], 2 * expected)
-  for k, (student, teacher) in enumerate(EDGE_PAIRS):
+  for k, (student, teacher) in enumerate(EDGES):
     assert expected[teacher, student] == k + 1
 
 
@@ -310,11 +310,11 @@ def test_gd_unit_matches_formula(edge_input):
   if edge_input == "embedded":  # code: z = [W_logit y, W_repr r]; e = W_edge [z_j, z_i]
     z = np.concatenate([dense("W_logit", logits), dense("W_repr", reprs)], -1)
     chex.assert_shape(p["W_edge"]["kernel"], (4 * 3, 1))
-    e_np = [dense("W_edge", np.concatenate([z[j], z[i]], -1))[:, 0] for j, i in EDGE_PAIRS]
+    e_np = [dense("W_edge", np.concatenate([z[j], z[i]], -1))[:, 0] for j, i in EDGES]
   else:  # paper Eq. 8: g([[f(X_i), X_i], [f(X_j), X_j]]), teacher i first
     x = np.concatenate([logits, reprs], -1)
     chex.assert_shape(p["W_edge"]["kernel"], (2 * (2 + 5), 1))
-    e_np = [dense("W_edge", np.concatenate([x[i], x[j]], -1))[:, 0] for j, i in EDGE_PAIRS]
+    e_np = [dense("W_edge", np.concatenate([x[i], x[j]], -1))[:, 0] for j, i in EDGES]
   e_np = np.stack(e_np, axis=1)  # (B, 6)
   np.testing.assert_allclose(e, e_np, rtol=1e-5, atol=1e-6)
   w_np = np.exp(e_np / 8.0) / np.exp(e_np / 8.0).sum(1, keepdims=True)

@@ -15,7 +15,7 @@ config = tiny.get_config()
 config.train.seeds = (1111, 1112)
 dataset = data_lib.load_dataset(config.dataset, workdir=tempfile.mkdtemp())
 model = train_lib.build(config, dataset)
-host = train_lib.split_arrays(dataset.splits["train"], "regression")
+host = data_lib.split_arrays(dataset.splits["train"], "regression")
 init_keys, order_keys, dropout_keys = train_lib.seed_keys(config.train.seeds)
 index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=4,
                           micro_per_step=2)
@@ -45,7 +45,7 @@ for n in (1, 4):
                         dropout_keys).compile().as_text()
   predict = steps.make_predict(model, batch_size=32, mesh=mesh)
   preds = predict(states.params, jax.device_put(
-      train_lib.split_arrays(dataset.splits["valid"], "regression"), parallel.replicated(mesh)))
+      data_lib.split_arrays(dataset.splits["valid"], "regression"), parallel.replicated(mesh)))
   out[n] = {
       "metrics": {k: np.asarray(v).tolist() for k, v in metrics.items()},
       "params": [np.asarray(p).ravel()[:64].tolist() for p in jax.tree.leaves(states.params)],

@@ -132,7 +132,7 @@ def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
   config.train.update_epochs = 3
   dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
   model = train_lib.build(config, dataset)
-  arrays = train_lib.split_arrays(dataset.splits["train"], "regression")
+  arrays = data_lib.split_arrays(dataset.splits["train"], "regression")
   batch = jax.tree.map(lambda a: jnp.asarray(a[:24]).reshape((3, 8) + a.shape[1:]), arrays)
   state = jax.jit(lambda k: steps.init_state(config, model, jax.tree.map(lambda a: a[0], batch),
                                              k))(jax.random.key(0))

@@ -20,9 +20,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dhmd_jax.names import MODALITY_KEYS
+
 from dhmd_jax.models.heads import TORCH_CONV_INIT
 
-MODALITY_KEYS = ("l", "v", "a")  # model order (text, vision, audio)
 
 
 def conv_frame_mask(mask: jax.Array, kernel_size: int) -> jax.Array:

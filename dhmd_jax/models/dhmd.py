@@ -44,7 +44,6 @@ import jax
 import jax.numpy as jnp
 
 from dhmd_jax.models.decoupling import FeatureDecoupling
-from dhmd_jax.models.decoupling import MODALITY_KEYS
 from dhmd_jax.models.decoupling import TemporalProjection
 from dhmd_jax.models.decoupling import conv_frame_mask
 from dhmd_jax.models.dictionary import DictionaryMatching
@@ -52,6 +51,7 @@ from dhmd_jax.models.gd_unit import GDUnit
 from dhmd_jax.models.heads import ResidualHead
 from dhmd_jax.models.heads import torch_linear
 from dhmd_jax.models.transformer import TransformerStack
+from dhmd_jax.names import MODALITY_KEYS
 
 BATCH_KEYS = ("text", "vision", "audio")  # model order (L, V, A)
 # Sources of the two cross-modal transformers of each target, in the DMD code's concat order.

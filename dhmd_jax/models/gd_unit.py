@@ -25,12 +25,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dhmd_jax.names import EDGES
+
 from dhmd_jax.models.heads import TORCH_KERNEL_INIT
 from dhmd_jax.models.heads import torch_bias_init
 
 # (student j, teacher i) for the six directed edges i -> j, in the DMD code's order.
-EDGE_PAIRS = ((0, 1), (0, 2), (1, 0), (1, 2), (2, 0), (2, 1))
-EDGE_NAMES = ("V->L", "A->L", "L->V", "A->V", "L->A", "V->A")
 
 
 def edges_to_matrix(w: jax.Array) -> jax.Array:
@@ -38,8 +38,8 @@ def edges_to_matrix(w: jax.Array) -> jax.Array:
 
   Rows are teachers (sources), columns students (targets), as in the paper's W_ij = w_{i->j}.
   """
-  teachers = jnp.array([i for _, i in EDGE_PAIRS])
-  students = jnp.array([j for j, _ in EDGE_PAIRS])
+  teachers = jnp.array([i for _, i in EDGES])
+  students = jnp.array([j for j, _ in EDGES])
   flat_index = teachers * 3 + students  # (6,)
   out = jnp.zeros(w.shape[:-1] + (9,), w.dtype).at[..., flat_index].set(w)
   return out.reshape(w.shape[:-1] + (3, 3))
@@ -85,7 +85,7 @@ class GDUnit(nn.Module):
       reprs: (3, B, H) per-modality representations.
 
     Returns:
-      weights (B, 6), rows summing to 1, and the raw scores e (B, 6), edges in `EDGE_PAIRS` order.
+      weights (B, 6), rows summing to 1, and the raw scores e (B, 6), edges in `EDGES` order.
     """
     if self.edge_input == "embedded":
       w_logit = _Linear(self.hidden, name="W_logit")
@@ -95,11 +95,11 @@ class GDUnit(nn.Module):
         z = jnp.concatenate([w_logit(logits, with_bias=with_bias),
                              w_repr(reprs, with_bias=with_bias)], axis=-1)  # (3, B, 2g)
         return jnp.stack([jnp.concatenate([z[j], z[i]], axis=-1)  # [z_j, z_i], as coded
-                          for j, i in EDGE_PAIRS], axis=1)  # (B, 6, 4g)
+                          for j, i in EDGES], axis=1)  # (B, 6, 4g)
     elif self.edge_input == "raw":
       x = jnp.concatenate([logits, reprs], axis=-1)  # (3, B, O + H): [f(X_m), X_m]
       stacked = jnp.stack([jnp.concatenate([x[i], x[j]], axis=-1)  # Eq. 8: [i, j]
-                           for j, i in EDGE_PAIRS], axis=1)  # (B, 6, 2(O + H))
+                           for j, i in EDGES], axis=1)  # (B, 6, 2(O + H))
 
       def pairs(with_bias):
         del with_bias

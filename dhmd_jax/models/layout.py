@@ -24,7 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 
-MODALITY_KEYS = ("l", "v", "a")
+from dhmd_jax.names import MODALITY_KEYS
+
 CROSS_PAIRS = (("l", "a"), ("l", "v"), ("v", "l"), ("v", "a"), ("a", "l"), ("a", "v"))
 # v2 stack name -> the v1 sub-tree names of its branches, in branch order.
 STACKS = {
