@@ -1,93 +1,194 @@
-"""Checkpoints with orbax: `latest` (everything needed to resume) and `best` (the selected
-parameters of every seed). Each save is written to a temporary folder and renamed into place by
-orbax, so a run killed mid-save leaves the previous checkpoint intact.
+"""Checkpoints with orbax: one checkpoint per epoch under `<workdir>/checkpoints/latest/`, the
+single source of truth of a run.
 
-Layout under `<workdir>/checkpoints/`:
-  latest/<epoch>/  {"arrays": {"state": TrainState (stacked over seeds), "best_params": ...},
-                    "host": JSON (epoch, scheduler state, seeds, config fingerprint)}
-  best/<epoch>/    {"arrays": {"best_params": ...}, "host": JSON (best epoch and valid loss per seed)}
-This is the only module that touches the orbax API.
+  latest/<epoch>/  {"arrays": {"state": TrainState (stacked over seeds),
+                               "best_params": the selected parameters of every seed},
+                    "host": JSON (scheduler state with the best epoch per seed, seeds,
+                                  config fingerprint)}
 
-Checkpoints written before the transformers were stacked (parameter layout v1, see
-`models/layout.py`) are read with a v1-shaped target and converted on restore, so old runs
-resume, evaluate and predict unchanged.
+Training state and selected models are committed together, so no kill point can leave a
+"best" that disagrees with the run that resumes, its report, or `--mode=evaluate/predict`
+(which read `best_params` and the best epochs from the same checkpoint). Orbax writes each
+save into a temporary folder and renames it into place once complete; a run killed mid-save
+leaves the previous checkpoints intact (the temporary folder is removed on the next start).
+The two most recent checkpoints are kept: a newest one that cannot be read (a truncated array
+file, a damaged JSON) is skipped with one warning line, and the run resumes from the one before.
+
+Saves are asynchronous: the arrays are copied to host memory, then written while training goes
+on; the next save, `wait()` and `close()` wait for it.
+
+Workdirs of older versions: a `best/` folder written next to `latest/` is no longer read (its
+parameters are in `latest/` too); checkpoints in the per-branch parameter layout v1 (see
+`models/layout.py`) are read with a v1-shaped target and converted on restore. This is the only
+module that touches the orbax API.
 """
 
+import logging as py_logging
 import os
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from dhmd_jax.models import layout
 
+KEEP = 2  # checkpoints kept: the newest and one to fall back on
 
-def _manager(directory):
-  options = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                         cleanup_tmp_directories=True)
+
+class CheckpointError(RuntimeError):
+  """No readable checkpoint where one is needed; the message is one line."""
+
+
+class _QuietOrbax(py_logging.Filter):
+  """Drops orbax's informational chatter (e.g. "Waiting for previous save to complete took
+  2.8 seconds ... consider checkpointing less frequently", which our own end-of-epoch wait
+  triggers) from the absl log; orbax errors still pass."""
+
+  def filter(self, record):
+    return record.levelno >= py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def _quiet_orbax():
+  logger = py_logging.getLogger("absl")
+  if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
+    logger.addFilter(_QuietOrbax())
+
+
+def _manager(directory, *, create):
+  options = ocp.CheckpointManagerOptions(max_to_keep=KEEP, create=create,
+                                         cleanup_tmp_directories=create,
+                                         enable_async_checkpointing=True)
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,
                                item_names=("arrays", "host"))
 
 
+def _warn(message):
+  print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _reason(error):
+  """One line of an exception: its type and the first line of its message, shortened."""
+  text = str(error).strip().splitlines()
+  text = text[0] if text else ""
+  if len(text) > 160:
+    text = text[:157] + "..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
 class Checkpointer:
-  """Saves and restores the `latest` and `best` checkpoints of a workdir."""
+  """Saves and restores the per-epoch checkpoints of a workdir (see the module docstring).
 
-  def __init__(self, workdir):
-    root = os.path.join(workdir, "checkpoints")
-    self._latest = _manager(os.path.join(root, "latest"))
-    self._best = _manager(os.path.join(root, "best"))
+  `read_only=True` (evaluate, predict, analysis) never creates or cleans anything on disk.
+  """
 
-  def _save(self, manager, epoch, arrays, host):
-    manager.save(epoch, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
-                                                host=ocp.args.JsonSave(host)))
-    manager.wait_until_finished()
+  def __init__(self, workdir, *, read_only=False):
+    _quiet_orbax()
+    self.directory = os.path.join(workdir, "checkpoints", "latest")
+    self._read_only = read_only
+    self._manager = None
+    if not read_only or os.path.isdir(self.directory):
+      self._manager = _manager(self.directory, create=not read_only)
 
-  def _restore(self, manager, target):
-    epoch = manager.latest_step()
-    if epoch is None:
+  def epochs(self):
+    """Epochs with a committed checkpoint, oldest first."""
+    return [] if self._manager is None else list(self._manager.all_steps())
+
+  def save(self, epoch, *, state, best_params, host):
+    """Starts saving epoch `epoch` (waits for the previous save first); returns once the arrays
+    are on the host, while the files are written in the background."""
+    if self._read_only:
+      raise CheckpointError("this Checkpointer is read-only")
+    arrays = jax.device_get({"state": state, "best_params": best_params})
+    self._manager.save(epoch, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
+                                                      host=ocp.args.JsonSave(host)))
+
+  def wait(self):
+    """Blocks until the last save is committed (renamed into place)."""
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+
+  def restore(self, *, state, best_params, check_host=None):
+    """The newest readable checkpoint: (epoch, {"state", "best_params"}, host), or None.
+
+    `state` and `best_params` are targets giving the structure (abstract arrays are enough).
+    `check_host(epoch, host)` runs on the host JSON before any array is read and may raise
+    (e.g. a config mismatch): that error propagates. A checkpoint that cannot be read is skipped
+    with one warning line; if none of them can be, CheckpointError.
+    """
+    epochs = self.epochs()
+    target = {"state": state, "best_params": best_params}
+    failures = []
+    for epoch in reversed(epochs):
+      path = os.path.join(self.directory, str(epoch))
+      try:
+        host = self._manager.restore(epoch, args=ocp.args.Composite(
+            host=ocp.args.JsonRestore()))["host"]
+      except Exception as error:  # pylint: disable=broad-except
+        failures.append((path, error))
+        continue
+      if check_host is not None:
+        check_host(epoch, host)
+      try:
+        arrays = self._restore_arrays(epoch, target)
+      except Exception as error:  # pylint: disable=broad-except
+        failures.append((path, error))
+        continue
+      for bad, error in failures:
+        moved = self._set_aside(bad)
+        _warn(f"skipped the unreadable checkpoint {bad} ({_reason(error)}); using the one of "
+              f"epoch {epoch}" + (f"; the unreadable one was moved to {moved}" if moved else ""))
+      return epoch, arrays, host
+    if failures:
+      bad, error = failures[0]
+      raise CheckpointError(
+          f"no readable checkpoint in {self.directory}: {bad} ({_reason(error)})"
+          + (f" and {len(failures) - 1} older" if len(failures) > 1 else "")
+          + "; delete the folder to start the run over")
+    return None
+
+  def _set_aside(self, path):
+    """Moves an unreadable checkpoint out of the way of the next save (training only), to
+    `checkpoints/unreadable/`, for inspection; returns where it went (None when read-only)."""
+    if self._read_only:
       return None
-    restore = lambda t: manager.restore(epoch, args=ocp.args.Composite(
-        arrays=ocp.args.StandardRestore(t), host=ocp.args.JsonRestore()))
+    folder = os.path.join(os.path.dirname(os.path.dirname(path)), "unreadable")
+    os.makedirs(folder, exist_ok=True)
+    dest = os.path.join(folder, f"{os.path.basename(path)}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(path, dest)
+    self._manager.reload()
+    return dest
+
+  def _restore_arrays(self, epoch, target):
+    restore = lambda t: self._manager.restore(epoch, args=ocp.args.Composite(
+        arrays=ocp.args.StandardRestore(t)))["arrays"]
     try:
-      restored = restore(target)
+      return restore(target)
     except (ValueError, KeyError) as error:  # a tree of another structure: maybe layout v1
       try:
-        restored = restore(_v1_target(target))
-      except (ValueError, KeyError):
+        arrays = restore(_v1_target(target))
+      except Exception:  # pylint: disable=broad-except
         raise error from None
-      restored = dict(restored, arrays=_from_v1(restored["arrays"]))
-    return epoch, restored["arrays"], restored["host"]
-
-  def save_latest(self, epoch, *, state, best_params, host):
-    self._save(self._latest, epoch, {"state": state, "best_params": best_params}, host)
-
-  def restore_latest(self, *, state, best_params):
-    """Returns (epoch, {"state", "best_params"}, host) or None; targets give the structure."""
-    return self._restore(self._latest, {"state": state, "best_params": best_params})
-
-  def save_best(self, epoch, *, best_params, host):
-    self._save(self._best, epoch, {"best_params": best_params}, host)
-
-  def restore_best(self, *, best_params):
-    return self._restore(self._best, {"best_params": best_params})
+      return _from_v1(arrays)
 
   def close(self):
-    self._latest.close()
-    self._best.close()
+    if self._manager is not None:
+      self._manager.wait_until_finished()
+      self._manager.close()
+      self._manager = None
 
 
 def _v1_target(target):
   """The checkpoint target with every parameter tree in the per-branch layout v1 (seed axis 1)."""
   to_v1 = lambda p: jax.eval_shape(lambda q: layout.to_v1_params(q, batch_dims=1), p)
   out = dict(target)
-  if "state" in out:
-    out["state"] = out["state"].replace(params=to_v1(out["state"].params))
+  out["state"] = out["state"].replace(params=to_v1(out["state"].params))
   out["best_params"] = to_v1(out["best_params"])
   return out
 
 
 def _from_v1(arrays):
   out = dict(arrays)
-  if "state" in out:
-    out["state"] = layout.convert_v1_train_state(out["state"], batch_dims=1)
+  out["state"] = layout.convert_v1_train_state(out["state"], batch_dims=1)
   out["best_params"] = layout.convert_v1_params(out["best_params"], batch_dims=1)
   return out

@@ -1,12 +1,17 @@
 """Evaluate a trained workdir on any split, or write its per-sample predictions to CSV.
 
-Both restore the `best` checkpoint (the models selected on validation) or the `latest` one, for
-every seed of the run, and reuse the training code's batched prediction and metrics.
+Both use the run's own config (`<workdir>/config.json`, see `run_config`) and restore, from the
+run's newest readable checkpoint, either the models selected on validation (`best`) or the
+parameters of the last epoch (`latest`), for every seed, then reuse the training code's batched
+prediction and metrics. The selected models and the best epochs come from the same checkpoint,
+so they always agree with the run's `results.json`.
 """
 
+import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 
 from dhmd_jax import checkpoint
@@ -17,10 +22,80 @@ from dhmd_jax import steps
 from dhmd_jax import train as train_lib
 
 SPLITS = ("train", "valid", "test")
+# Fields a command may set differently from the run it evaluates: where the data and caches are,
+# how predictions are batched, and logging. Everything else comes from the run's config.json.
+MAY_DIFFER = ("dataset.path", "dataset.cache_dir", "dataset.rebuild_cache",
+              "train.eval_batch_size", "train.num_devices", "train.compilation_cache_dir", "log")
 
 
-def _restore(config, workdir, which):
-  """(dataset, model, stacked params) of a trained workdir."""
+def _may_differ(name):
+  return any(name == p or name.startswith(p + ".") for p in MAY_DIFFER)
+
+
+def _get(config, dotted):
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _set(config, dotted, value):
+  *parents, leaf = dotted.split(".")
+  node = config
+  for part in parents:
+    node = node[part]
+  node[leaf] = value
+
+
+def run_config(workdir, *, given=None, explicit=()):
+  """The config to evaluate `workdir` with: the run's own config.json.
+
+  Args:
+    workdir: a trained run's folder.
+    given: the config the command line built (its config file with its overrides), or None.
+    explicit: dotted names of the fields the user set (`--config.train.seeds=...`), and
+      "<file>" when a config file was named. Fields in `MAY_DIFFER` are taken from `given`;
+      any other field the user set must equal the run's value.
+
+  Raises TrainingError (one line) when there is no config.json or the user set a field to a
+  value the run did not use.
+  """
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise train_lib.TrainingError(
+        f"{path} not found: --workdir must be a folder written by a training run "
+        f"(python -m dhmd_jax.main --config=... --workdir={workdir})")
+  try:
+    with open(path) as f:
+      stored = json.load(f)
+  except (OSError, ValueError) as error:
+    raise train_lib.TrainingError(f"cannot read {path} ({error}); it is written by training "
+                                  f"and should not be edited") from None
+  config = ml_collections.ConfigDict(stored)
+  if given is None:
+    return config
+  stored_flat = train_lib.flat_config(config)
+  given_flat = train_lib.flat_config(given)
+  names = sorted(set(explicit) - {"<file>"})  # the fields set one by one are checked first
+  if "<file>" in explicit:  # then every field of the named config file
+    names += sorted(set(given_flat) - set(names))
+  for name in names:
+    if name not in given_flat:
+      continue
+    if _may_differ(name):
+      if name in stored_flat:
+        _set(config, name, _get(given, name))
+      continue
+    if name in stored_flat and stored_flat[name] != given_flat[name]:
+      raise train_lib.TrainingError(
+          f"{name}={given_flat[name]!r} differs from the run in {workdir} "
+          f"({stored_flat[name]!r}); evaluate and predict use the run's own config.json: "
+          f"drop the override (or the --config file), or train a new run with it")
+  return config
+
+
+def restore_params(config, workdir, which="best"):
+  """(dataset, model, stacked params (S, ...), epoch of the checkpoint) of a trained workdir."""
   if which not in ("best", "latest"):
     raise ValueError(f"checkpoint must be 'best' or 'latest', got {which!r}")
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
@@ -31,27 +106,24 @@ def _restore(config, workdir, which):
                         data_lib.split_arrays(dataset.splits["train"], config.dataset.task))
   abstract = jax.eval_shape(
       jax.vmap(lambda k: steps.init_state(config, model, sample, k)), init_keys)
-  ckpt = checkpoint.Checkpointer(workdir)
+  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
-    if which == "best":
-      restored = ckpt.restore_best(best_params=abstract.params)
-      params = None if restored is None else restored[1]["best_params"]
-    else:
-      restored = ckpt.restore_latest(state=abstract, best_params=abstract.params)
-      params = None if restored is None else restored[1]["state"].params
+    restored = ckpt.restore(state=abstract, best_params=abstract.params)
   finally:
     ckpt.close()
-  if params is None:
+  if restored is None:
     raise train_lib.TrainingError(
-        f"no '{which}' checkpoint in {os.path.join(workdir, 'checkpoints')}; train first with "
+        f"no checkpoint in {os.path.join(workdir, 'checkpoints', 'latest')}; train first with "
         f"python -m dhmd_jax.main --config=... --workdir={workdir}")
-  return dataset, model, params
+  epoch, arrays, _ = restored
+  params = arrays["best_params"] if which == "best" else arrays["state"].params
+  return dataset, model, params, epoch
 
 
 def _predict(config, workdir, split, which):
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-  dataset, model, params = _restore(config, workdir, which)
+  dataset, model, params, _ = restore_params(config, workdir, which)
   arrays = data_lib.split_arrays(dataset.splits[split], config.dataset.task)
   predict = steps.make_predict(model, batch_size=config.train.eval_batch_size)
   preds = np.asarray(predict(params, jax.device_put(arrays)))

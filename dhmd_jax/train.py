@@ -6,16 +6,27 @@ accumulation over `update_epochs` micro-batches with the running sum value-clipp
 ReduceLROnPlateau on the validation loss; early stopping; a cap on epochs; the model selected on
 the validation split (MAE for regression, cross-entropy for binary tasks), never on test.
 
+The trainer reads as its phases: `_set_up` (workdir, data, model, compiled functions),
+`_start_or_resume` (fresh states or the newest readable checkpoint), `_train_epoch` (the chunks of
+one epoch), `_end_epoch` (validation, scheduler, selection, logs, checkpoint) and `_final_report`.
+
 Speed: the training arrays live on the device; an epoch runs as a few jitted `lax.scan` chunks
 (no host synchronisation per step); the step compiles once. Resume: RNG keys derive from
-(seed, epoch, step), so a run resumed from its latest checkpoint ends with the same metrics as an
-uninterrupted one.
+(seed, epoch, step), so a run resumed from its latest checkpoint ends with the same results, bit
+for bit, as an uninterrupted one. Ctrl-C stops at the next chunk boundary (see `_StopRequest`).
 """
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
+import shutil
+import signal
+import tempfile
+import threading
 import time
+from typing import Any
 
 from absl import logging
 import jax
@@ -34,14 +45,16 @@ from dhmd_jax.models import dhmd as dhmd_model
 # Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("train.num_epochs", "train.steps_per_chunk", "train.eval_batch_size",
                       "train.eval_test_every_epoch", "train.device_data_limit_bytes",
-                      "train.num_devices", "train.compilation_cache_dir", "log")
+                      "train.num_devices", "train.compilation_cache_dir", "dataset.path",
+                      "dataset.cache_dir", "dataset.rebuild_cache", "log")
 
 
 class TrainingError(RuntimeError):
   """A run that cannot go on (non-finite loss, mismatched workdir); the message is one line."""
 
 
-# ----------------------------------------------------------------------------- data
+class Interrupted(Exception):
+  """Ctrl-C stopped the run at a safe point; the message is the one line to print."""
 
 
 def num_outputs(config):
@@ -81,7 +94,9 @@ def seed_keys(seeds, dropout_rng="threefry"):
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-def _flat_config(config):
+def flat_config(config):
+  """{"train.learning_rate": 1e-4, ...}: every leaf field under its dotted name (tuples as lists,
+  as JSON stores them)."""
   flat = {}
 
   def walk(prefix, node):
@@ -95,9 +110,34 @@ def _flat_config(config):
   return flat
 
 
+def _resumable(name):
+  return any(name == p or name.startswith(p + ".") for p in _RESUMABLE_CHANGES)
+
+
 def config_fingerprint(config):
-  return {k: v for k, v in _flat_config(config).items()
-          if not any(k == p or k.startswith(p + ".") for p in _RESUMABLE_CHANGES)}
+  """The fields a resumed run must share with the run that wrote the checkpoint."""
+  return json.loads(json.dumps(
+      {k: v for k, v in flat_config(config).items() if not _resumable(k)}))
+
+
+def config_conflicts(stored, current):
+  """[(field, stored value, current value)] of the fields that must not change on resume.
+
+  Fields only one side has are not conflicts: fields added by a newer version of this code
+  default to the behaviour of the version before.
+  """
+  return [(k, stored[k], current[k]) for k in sorted(set(stored) & set(current))
+          if not _resumable(k) and stored[k] != current[k]]
+
+
+def _check_resumable(workdir, stored, config):
+  conflicts = config_conflicts(stored, config_fingerprint(config))
+  if conflicts:
+    field, old, new = conflicts[0]
+    more = f" (and {len(conflicts) - 1} more fields)" if len(conflicts) > 1 else ""
+    raise TrainingError(
+        f"{workdir} holds a run with {field}={old!r}, this command has {new!r}{more}; "
+        f"use a new --workdir, or the run's own config (its config.json) to resume")
 
 
 def _check_finite(metrics, valid, active, *, epoch, first_step, seeds, workdir):
@@ -124,29 +164,98 @@ def _chunking(steps_per_epoch, max_chunk):
   return num_chunks, math.ceil(steps_per_epoch / num_chunks)
 
 
-# ----------------------------------------------------------------------------- main loop
+def prepare_workdir(workdir):
+  """Creates `workdir` if needed and checks that it is writable, before any work.
 
-
-def train_and_evaluate(config, workdir):
-  """Trains every seed, selects on validation, tests the selected models, writes the report.
-
-  Returns the report dict (also in `<workdir>/results.json` and `results.md`).
+  Returns True when this call created it. Raises TrainingError (one line) otherwise.
   """
-  start_time = time.time()
-  os.makedirs(workdir, exist_ok=True)
+  created = not os.path.exists(workdir)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=workdir, prefix=".write-test-"):
+      pass
+  except OSError as error:
+    if created:
+      shutil.rmtree(workdir, ignore_errors=True)
+    raise TrainingError(
+        f"cannot write to the workdir {workdir} ({error.strerror or error}); choose a writable "
+        f"--workdir") from None
+  return created
+
+
+class _StopRequest:
+  """Ctrl-C during training: the first SIGINT asks the loop to stop at its next safe point (the
+  end of a chunk), the second exits at once. Committed checkpoints are never touched: orbax
+  writes a save into a temporary folder and renames it when complete."""
+
+  def __init__(self):
+    self.requested = False
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    if self.requested:
+      os._exit(130)  # pylint: disable=protected-access
+    self.requested = True
+
+  @contextlib.contextmanager
+  def installed(self):
+    if threading.current_thread() is not threading.main_thread():
+      yield self  # signals only reach the main thread
+      return
+    previous = signal.signal(signal.SIGINT, self._handle)
+    try:
+      yield self
+    finally:
+      signal.signal(signal.SIGINT, previous)
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+@dataclasses.dataclass
+class _Run:
+  """What stays fixed during a run: config, data, model and compiled functions."""
+  config: Any
+  workdir: str
+  seeds: list
+  family: str
+  dataset: Any
+  host: dict  # split -> host arrays
+  device: dict  # split -> device arrays
+  labels: dict  # split -> labels
+  mesh: Any
+  model: Any
+  keys: tuple  # (init, data order, dropout) keys, stacked over seeds
+  steps_per_epoch: int
+  chunking: tuple  # (number of chunks, steps per chunk)
+  run_chunk: Any
+  predict: Any
+
+  def place(self, tree):
+    """Replicated over the mesh: the layout the compiled chunk gives and takes."""
+    return jax.device_put(tree, parallel.replicated(self.mesh))
+
+
+@dataclasses.dataclass
+class _Progress:
+  """What changes from epoch to epoch, all of it in the checkpoint."""
+  states: Any  # stacked TrainState
+  best_params: Any  # per seed: the parameters selected on validation
+  sched: dict  # schedule.py's per-seed state
+  epoch: int  # last completed epoch
+
+
+def _set_up(config, workdir):
+  """Data, model and compiled functions of a run."""
   enable_compilation_cache(config.train.compilation_cache_dir)
   task = config.dataset.task
   seeds = [int(s) for s in config.train.seeds]
-  num_seeds = len(seeds)
-  family = metrics_lib.metric_family(metrics_lib.metrics_dataset(config), task)
-
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
   print(data_lib.summarize(dataset), flush=True)
-  reporting.write_json(os.path.join(workdir, "config.json"), config.to_dict())
 
-  batch_size = config.train.batch_size
-  micro = config.train.update_epochs
-  host = {name: data_lib.split_arrays(dataset.splits[name], task) for name in ("train", "valid", "test")}
+  batch_size, micro = config.train.batch_size, config.train.update_epochs
+  host = {name: data_lib.split_arrays(dataset.splits[name], task)
+          for name in ("train", "valid", "test")}
   num_train = host["train"]["label"].shape[0]
   steps_per_epoch = (num_train // batch_size) // micro
   if steps_per_epoch < 1:
@@ -154,155 +263,218 @@ def train_and_evaluate(config, workdir):
         f"the train split has {num_train} samples, fewer than one optimizer step of "
         f"batch_size {batch_size} x update_epochs {micro}; lower train.batch_size or "
         f"train.update_epochs")
-
-  on_device = data_lib.nbytes(host["train"]) <= config.train.device_data_limit_bytes
-  if not on_device:
+  if data_lib.nbytes(host["train"]) > config.train.device_data_limit_bytes:
     logging.warning("training arrays (%.1f GB) exceed train.device_data_limit_bytes; "
                     "they are copied to the device anyway (host streaming is not implemented)",
                     data_lib.nbytes(host["train"]) / 1e9)
   mesh = parallel.make_mesh(config.train.num_devices)
   parallel.check_divisible(mesh, batch_size, "config.train.batch_size")
   parallel.check_divisible(mesh, config.train.eval_batch_size, "config.train.eval_batch_size")
-  device = {name: jax.device_put(arrays, parallel.replicated(mesh))
-            for name, arrays in host.items()}
-
   model = build(config, dataset)
-  init_keys, order_keys, dropout_keys = seed_keys(seeds, config.train.dropout_rng)
-  sample = jax.tree.map(lambda a: a[:batch_size], device["train"])
-  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)),
-                   out_shardings=parallel.replicated(mesh))(init_keys)
+  train_step = steps.make_train_step(config, model)
+  return _Run(
+      config=config, workdir=workdir, seeds=seeds,
+      family=metrics_lib.metric_family(metrics_lib.metrics_dataset(config), task),
+      dataset=dataset, host=host,
+      device={name: jax.device_put(arrays, parallel.replicated(mesh))
+              for name, arrays in host.items()},
+      labels={name: arrays["label"] for name, arrays in host.items()},
+      mesh=mesh, model=model, keys=seed_keys(seeds, config.train.dropout_rng),
+      steps_per_epoch=steps_per_epoch,
+      chunking=_chunking(steps_per_epoch, config.train.steps_per_chunk),
+      run_chunk=steps.make_run_chunk(train_step, mesh),
+      predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh))
+
+
+def _start_or_resume(run, ckpt):
+  """Fresh states for every seed, or those of the newest readable checkpoint."""
+  config = run.config
+  sample = jax.tree.map(lambda a: a[:config.train.batch_size], run.device["train"])
+  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, run.model, sample, k)),
+                   out_shardings=parallel.replicated(run.mesh))(run.keys[0])
   # One jitted copy, not one eager op (and one compilation) per parameter array.
   best_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(states.params)
-  sched = schedule.init_state(num_seeds, config.train.learning_rate)
-
-  # Every state handed to the compiled chunk has the chunk's own output layout (replicated over
-  # the mesh), so the step compiles once, not once more after the first chunk.
-  place = lambda tree: jax.device_put(tree, parallel.replicated(mesh))
-  ckpt = checkpoint.Checkpointer(workdir)
-  start_epoch = 1
-  restored = ckpt.restore_latest(state=states, best_params=best_params)
+  progress = _Progress(states=states, best_params=best_params,
+                       sched=schedule.init_state(len(run.seeds), config.train.learning_rate),
+                       epoch=0)
+  restored = ckpt.restore(
+      state=states, best_params=best_params,
+      check_host=lambda _, host: _check_resumable(run.workdir, host["fingerprint"], config))
   if restored is not None:
-    epoch, arrays, host_state = restored
-    if host_state["fingerprint"] != json.loads(json.dumps(config_fingerprint(config))):
-      raise TrainingError(
-          f"{workdir} holds a run with a different config (see its config.json); "
-          f"use a new --workdir or the same config to resume")
-    states, best_params = arrays["state"], arrays["best_params"]
-    sched = schedule.from_json(host_state["schedule"])
-    start_epoch = epoch + 1
-    print(f"resuming from the checkpoint of epoch {epoch} in {workdir}", flush=True)
-  states = place(steps.set_learning_rate(states, sched["lr"]))
+    epoch, arrays, host = restored
+    progress = _Progress(states=arrays["state"], best_params=arrays["best_params"],
+                         sched=schedule.from_json(host["schedule"]), epoch=epoch)
+    print(f"resuming from the checkpoint of epoch {epoch} in {run.workdir}", flush=True)
+  progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
+  return progress
 
-  train_step = steps.make_train_step(config, model)
-  run_chunk = steps.make_run_chunk(train_step, mesh)
-  predict = steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh)
-  num_chunks, chunk = _chunking(steps_per_epoch, config.train.steps_per_chunk)
 
-  log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                             resume_epoch=start_epoch - 1)
-  tb = reporting.TensorBoard(workdir, seeds, config.log.tensorboard)
-  num_epochs = config.train.num_epochs
-  progress = reporting.ProgressBar((num_epochs - start_epoch + 1) * steps_per_epoch,
-                                   enabled=config.log.progress_bar,
-                                   interval=config.log.progress_interval_s)
-  labels = {name: host[name]["label"] for name in host}
-  done_steps = 0
-  epochs_run = start_epoch - 1
-  try:
-    for epoch in range(start_epoch, num_epochs + 1):
-      if not sched["active"].any():
-        break
-      epoch_start = time.time()
-      active = sched["active"].copy()
-      index = steps.epoch_index(order_keys, epoch, num_samples=num_train,
-                                batch_size=batch_size, num_steps=steps_per_epoch,
-                                micro_per_step=micro)
-      sums, count = {}, 0
-      for c in range(num_chunks):
-        lo = c * chunk
-        idx = index[:, lo:lo + chunk]
-        valid = np.arange(lo, lo + chunk) < steps_per_epoch
-        if idx.shape[1] < chunk:  # the last chunk: pad with steps that are not applied
-          idx = jnp.pad(idx, ((0, 0), (0, chunk - idx.shape[1]), (0, 0), (0, 0)))
-        states, chunk_metrics = run_chunk(states, jnp.asarray(active), device["train"], idx,
-                                          jnp.asarray(valid), dropout_keys)
-        chunk_metrics = jax.device_get(chunk_metrics)
-        _check_finite(chunk_metrics, valid, active, epoch=epoch, first_step=lo, seeds=seeds,
-                      workdir=workdir)
-        for name, value in chunk_metrics.items():
-          sums[name] = sums.get(name, 0.0) + np.where(valid[None], value, 0.0).sum(axis=1)
-        count += int(valid.sum())
-        done_steps += int(valid.sum())
-        progress.update(done_steps, label=f"epoch {epoch}/{num_epochs}")
-      train_means = {name: value / count for name, value in sums.items()}
+def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
+  """Runs the chunks of one epoch; returns (per-seed mean of every logged term, steps done).
 
-      valid_preds = np.asarray(predict(states.params, device["valid"]))
-      valid_metrics = metrics_lib.split_metrics(config, valid_preds, labels["valid"])
-      valid_loss = metrics_lib.selection_loss(task, valid_preds, labels["valid"])
-      test_metrics = {}
-      if config.train.eval_test_every_epoch:
-        test_metrics = metrics_lib.split_metrics(config, np.asarray(predict(states.params, device["test"])),
-                                     labels["test"])
-      lr_used = sched["lr"].copy()
-      sched, improved = schedule.update(
-          sched, epoch=epoch, valid_loss=valid_loss, factor=config.train.plateau_factor,
-          patience=config.train.plateau_patience, early_stop=config.train.early_stop)
-      best_params = steps.select_best(best_params, states.params, jnp.asarray(improved))
-      states = place(steps.set_learning_rate(states, sched["lr"]))
-      epochs_run = epoch
+  Raises Interrupted when Ctrl-C asked to stop (the epoch is abandoned; the last checkpoint
+  is the one of the epoch before).
+  """
+  config = run.config
+  num_chunks, chunk = run.chunking
+  active = progress.sched["active"].copy()
+  index = steps.epoch_index(run.keys[1], epoch, num_samples=run.host["train"]["label"].shape[0],
+                            batch_size=config.train.batch_size, num_steps=run.steps_per_epoch,
+                            micro_per_step=config.train.update_epochs)
+  sums, count = {}, 0
+  for c in range(num_chunks):
+    lo = c * chunk
+    idx = index[:, lo:lo + chunk]
+    valid = np.arange(lo, lo + chunk) < run.steps_per_epoch
+    if idx.shape[1] < chunk:  # the last chunk: pad with steps that are not applied
+      idx = jnp.pad(idx, ((0, 0), (0, chunk - idx.shape[1]), (0, 0), (0, 0)))
+    progress.states, metrics = run.run_chunk(progress.states, jnp.asarray(active),
+                                             run.device["train"], idx, jnp.asarray(valid),
+                                             run.keys[2])
+    metrics = jax.device_get(metrics)
+    _check_finite(metrics, valid, active, epoch=epoch, first_step=lo, seeds=run.seeds,
+                  workdir=run.workdir)
+    for name, value in metrics.items():
+      sums[name] = sums.get(name, 0.0) + np.where(valid[None], value, 0.0).sum(axis=1)
+    count += int(valid.sum())
+    done_steps += int(valid.sum())
+    bar.update(done_steps, label=f"epoch {epoch}/{config.train.num_epochs}")
+    if stop.requested:
+      bar.end_line()
+      raise Interrupted(f"interrupted at epoch {epoch}; rerun the same command to resume")
+  return {name: value / count for name, value in sums.items()}, done_steps
 
-      record = {
-          "epoch": epoch, "seeds": seeds, "active": active, "lr": lr_used,
-          "train": {k: v for k, v in train_means.items() if not k.startswith("edge/")},
-          "edges": {k[len("edge/"):]: v for k, v in train_means.items()
-                    if k.startswith("edge/")},
-          "valid_loss": valid_loss, "valid": valid_metrics, "test": test_metrics,
-          "improved": improved, "time_s": time.time() - epoch_start,
-      }
-      log.write(record)
-      tb.write(epoch, _tensorboard_scalars(record, seeds))
-      progress.end_line()
-      print(reporting.epoch_line(epoch, num_epochs, train_loss=train_means["total"],
-                                 valid=valid_metrics, test=test_metrics, lr=lr_used,
-                                 active=sched["active"], family=family,
-                                 seconds=record["time_s"]), flush=True)
 
-      host_state = {"fingerprint": config_fingerprint(config),
-                    "schedule": schedule.to_json(sched), "seeds": seeds}
-      ckpt.save_latest(epoch, state=states, best_params=best_params,
-                       host=json.loads(json.dumps(reporting._jsonable(host_state))))
-      if improved.any():
-        ckpt.save_best(epoch, best_params=best_params, host={
-            "best_epoch": sched["best_epoch"].tolist(),
-            "best_valid": sched["best_valid"].tolist(), "seeds": seeds})
-  finally:
-    tb.close()
+def _end_epoch(run, progress, epoch, train_means, *, seconds):
+  """Validation, scheduler, model selection: updates `progress`, returns the epoch's record."""
+  config = run.config
+  task = config.dataset.task
+  valid_preds = np.asarray(run.predict(progress.states.params, run.device["valid"]))
+  valid_metrics = metrics_lib.split_metrics(config, valid_preds, run.labels["valid"])
+  valid_loss = metrics_lib.selection_loss(task, valid_preds, run.labels["valid"])
+  test_metrics = {}
+  if config.train.eval_test_every_epoch:
+    test_preds = np.asarray(run.predict(progress.states.params, run.device["test"]))
+    test_metrics = metrics_lib.split_metrics(config, test_preds, run.labels["test"])
+  active, lr_used = progress.sched["active"].copy(), progress.sched["lr"].copy()
+  progress.sched, improved = schedule.update(
+      progress.sched, epoch=epoch, valid_loss=valid_loss, factor=config.train.plateau_factor,
+      patience=config.train.plateau_patience, early_stop=config.train.early_stop)
+  progress.best_params = steps.select_best(progress.best_params, progress.states.params,
+                                           jnp.asarray(improved))
+  progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
+  progress.epoch = epoch
+  return {
+      "epoch": epoch, "seeds": run.seeds, "active": active, "lr": lr_used,
+      "train": {k: v for k, v in train_means.items() if not k.startswith("edge/")},
+      "edges": {k[len("edge/"):]: v for k, v in train_means.items() if k.startswith("edge/")},
+      "valid_loss": valid_loss, "valid": valid_metrics, "test": test_metrics,
+      "improved": improved, "time_s": seconds,
+  }
 
-  # --------------------------------------------------------------------------- final test
-  best_valid_preds = np.asarray(predict(best_params, device["valid"]))
-  best_test_preds = np.asarray(predict(best_params, device["test"]))
-  test = metrics_lib.split_metrics(config, best_test_preds, labels["test"])
-  valid = metrics_lib.split_metrics(config, best_valid_preds, labels["valid"])
+
+def _save(run, progress, ckpt):
+  host = {"fingerprint": config_fingerprint(run.config),
+          "schedule": schedule.to_json(progress.sched), "seeds": run.seeds}
+  ckpt.save(progress.epoch, state=progress.states, best_params=progress.best_params,
+            host=json.loads(json.dumps(reporting._jsonable(host))))  # pylint: disable=protected-access
+
+
+def _final_report(run, progress, start_time):
+  """Tests the selected model of every seed; writes results.json/.md and the predictions."""
+  config = run.config
+  task = config.dataset.task
+  best_valid_preds = np.asarray(run.predict(progress.best_params, run.device["valid"]))
+  best_test_preds = np.asarray(run.predict(progress.best_params, run.device["test"]))
+  test = metrics_lib.split_metrics(config, best_test_preds, run.labels["test"])
+  valid = metrics_lib.split_metrics(config, best_valid_preds, run.labels["valid"])
   results = {
-      "dataset": config.dataset.name, "task": task, "metric_family": family,
-      "seeds": seeds, "best_epoch": sched["best_epoch"].tolist(),
-      "epochs_run": epochs_run,
+      "dataset": config.dataset.name, "task": task, "metric_family": run.family,
+      "seeds": run.seeds, "best_epoch": progress.sched["best_epoch"].tolist(),
+      "epochs_run": progress.epoch,
       "selection_metric": "cross-entropy" if task == "binary" else "MAE",
-      "best_valid_loss": sched["best_valid"].tolist(),
+      "best_valid_loss": progress.sched["best_valid"].tolist(),
       "valid": valid, "test": test,
       "valid_summary": reporting.summarize_seeds(valid),
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
   }
-  reporting.write_predictions(os.path.join(workdir, "predictions_test.csv"), dataset.splits["test"].ids,
-                    labels["test"], metrics_lib.point_predictions(task, best_test_preds), seeds)
-  reporting.write_json(os.path.join(workdir, "results.json"), results)
+  reporting.write_predictions(
+      os.path.join(run.workdir, "predictions_test.csv"), run.dataset.splits["test"].ids,
+      run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.seeds)
+  reporting.write_json(os.path.join(run.workdir, "results.json"), results)
   markdown = reporting.markdown_report(results)
-  with open(os.path.join(workdir, "results.md"), "w") as f:
+  with open(os.path.join(run.workdir, "results.md"), "w") as f:
     f.write(markdown)
   print(markdown, flush=True)
-  ckpt.close()
   return results
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def train_and_evaluate(config, workdir):
+  """Trains every seed, selects on validation, tests the selected models, writes the report.
+
+  Returns the report dict (also in `<workdir>/results.json` and `results.md`). Rerunning with
+  the same workdir resumes from its newest readable checkpoint.
+  """
+  start_time = time.time()
+  created = prepare_workdir(workdir)
+  stop = _StopRequest()
+  committed = False
+  with stop.installed(), contextlib.ExitStack() as resources:
+    try:
+      # ------------------------------------------------------------- set-up
+      config_path = os.path.join(workdir, "config.json")
+      if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
+        with open(config_path) as f:  # fail before loading anything
+          _check_resumable(workdir, json.loads(json.dumps(flat_config(json.load(f)))), config)
+      run = _set_up(config, workdir)
+      reporting.write_json(config_path, config.to_dict())
+      ckpt = checkpoint.Checkpointer(workdir)
+      resources.callback(ckpt.close)
+      progress = _start_or_resume(run, ckpt)
+      committed = progress.epoch > 0
+      log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
+                                 resume_epoch=progress.epoch)
+      tb = reporting.TensorBoard(workdir, run.seeds, config.log.tensorboard)
+      resources.callback(tb.close)
+      num_epochs = config.train.num_epochs
+      bar = reporting.ProgressBar((num_epochs - progress.epoch) * run.steps_per_epoch,
+                                  enabled=config.log.progress_bar,
+                                  interval=config.log.progress_interval_s)
+      done_steps = 0
+      # ------------------------------------------------------------- epochs
+      for epoch in range(progress.epoch + 1, num_epochs + 1):
+        if not progress.sched["active"].any():
+          break
+        epoch_start = time.time()
+        train_means, done_steps = _train_epoch(run, progress, epoch, stop=stop, bar=bar,
+                                               done_steps=done_steps)
+        record = _end_epoch(run, progress, epoch, train_means,
+                            seconds=time.time() - epoch_start)
+        log.write(record)
+        tb.write(epoch, _tensorboard_scalars(record, run.seeds))
+        bar.end_line()
+        print(reporting.epoch_line(epoch, num_epochs, train_loss=train_means["total"],
+                                   valid=record["valid"], test=record["test"],
+                                   lr=record["lr"], active=progress.sched["active"],
+                                   family=run.family, seconds=record["time_s"]), flush=True)
+        _save(run, progress, ckpt)
+        committed = True
+        if stop.requested:
+          ckpt.wait()
+          raise Interrupted(f"interrupted after epoch {epoch} (saved); rerun the same "
+                            f"command to resume")
+      ckpt.wait()
+      # ------------------------------------------------------------- report
+      return _final_report(run, progress, start_time)
+    except BaseException:
+      if created and not committed:  # nothing worth keeping: leave no half-made workdir
+        resources.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+      raise
 
 
 def _tensorboard_scalars(record, seeds):

@@ -251,12 +251,12 @@ def test_a_v1_checkpoint_restores_into_the_stacked_layout(tmp_path):
                                                      jax.tree.leaves(state.opt_state))]
   assert sum(moved) == 2  # Adam's mu and nu are stored in the v1 order
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  ckpt.save_latest(3, state=v1_state, best_params=layout.to_v1_params(best, batch_dims=1),
-                   host={"epoch": 3})
+  ckpt.save(3, state=v1_state, best_params=layout.to_v1_params(best, batch_dims=1),
+            host={"epoch": 3})
   ckpt.close()
 
   ckpt = checkpoint.Checkpointer(str(tmp_path))
-  epoch, arrays, host = ckpt.restore_latest(state=state, best_params=best)
+  epoch, arrays, host = ckpt.restore(state=state, best_params=best)
   ckpt.close()
   assert (epoch, host) == (3, {"epoch": 3})
   chex.assert_trees_all_equal(arrays["state"], state)

@@ -1,0 +1,273 @@
+"""Failures end in the correct result or one clear line: SIGKILL at three points, Ctrl-C,
+corrupted checkpoints, a read-only workdir, evaluate/predict with the run's own config.
+
+The kills are real (`os.kill(SIGKILL)` inside a child process, placed by wrapping the function
+that runs at that point); every resumed run must equal an uninterrupted one bit for bit: its
+report, `evaluate` and `predict`.
+"""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from configs import tiny
+from dhmd_jax import checkpoint
+from dhmd_jax import evaluate as evaluate_lib
+from dhmd_jax import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EPOCHS = 3
+
+# A tiny run (one seed, 3 epochs of two 3-step chunks) in a child process; FAULT=<point>@<n>
+# kills it with SIGKILL: "step" after the n-th chunk has run (mid-epoch), "save" as soon as the
+# save of epoch n has started (its files are being written in the background), "saved" once the
+# checkpoint of epoch n is committed (before the next epoch or the report).
+CHILD = r"""
+import os, signal, sys
+import jax
+from configs import tiny
+from dhmd_jax import checkpoint, steps, train as train_lib
+
+config = tiny.get_config()
+config.train.seeds = (1111,)
+config.train.num_epochs = %d
+config.train.steps_per_chunk = 3
+point, _, at = os.environ.get("FAULT", "none@0").partition("@")
+at = int(at)
+kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+if point == "step":
+  real_make = steps.make_run_chunk
+  def make(*args, **kwargs):
+    run_chunk, calls = real_make(*args, **kwargs), []
+    def counted(*a):
+      out = run_chunk(*a)
+      calls.append(1)
+      if len(calls) == at:
+        jax.block_until_ready(out)
+        kill()
+      return out
+    return counted
+  steps.make_run_chunk = make
+elif point in ("save", "saved"):
+  real_save = checkpoint.Checkpointer.save
+  def save(self, epoch, **kwargs):
+    real_save(self, epoch, **kwargs)
+    if epoch == at:
+      if point == "saved":
+        self.wait()
+      kill()
+  checkpoint.Checkpointer.save = save
+train_lib.train_and_evaluate(config, sys.argv[1])
+""" % EPOCHS
+
+
+def _child(workdir, fault=None):
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  env.pop("FAULT", None)
+  if fault:
+    env["FAULT"] = fault
+  return subprocess.Popen([sys.executable, "-c", CHILD, str(workdir)], cwd=REPO, env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait(procs):
+  out = []
+  for proc in procs:
+    stdout, stderr = proc.communicate(timeout=600)
+    out.append((proc.returncode, stdout, stderr))
+  return out
+
+
+def _config():
+  config = tiny.get_config()
+  config.train.seeds = (1111,)
+  config.train.num_epochs = EPOCHS
+  config.train.steps_per_chunk = 3
+  return config
+
+
+def _outcome(workdir):
+  """Everything a user reads from a finished run: report, evaluate and predict."""
+  config = evaluate_lib.run_config(str(workdir))
+  results = json.load(open(os.path.join(workdir, "results.json")))
+  results.pop("wall_time_s")
+  evaluated = evaluate_lib.evaluate(config, str(workdir), split="test")["per_seed"]
+  path = evaluate_lib.predict(config, str(workdir), split="valid",
+                              output=os.path.join(workdir, "p.csv"))
+  return results, evaluated, list(csv.reader(open(path)))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp("straight")
+  [(code, _, stderr)] = _wait([_child(workdir)])
+  assert code == 0, stderr[-3000:]
+  return workdir, _outcome(workdir)
+
+
+def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(straight, tmp_path):
+  _, expected = straight
+  faults = {"step": "step@4", "save": "save@2", "saved": "saved@2"}
+  dirs = {name: tmp_path / name for name in faults}
+  killed = _wait([_child(dirs[n], f) for n, f in faults.items()])
+  for (code, _, stderr), name in zip(killed, faults):
+    assert code == -signal.SIGKILL, (name, code, stderr[-2000:])
+  resumed = _wait([_child(dirs[n]) for n in faults])
+  for (code, stdout, stderr), name in zip(resumed, faults):
+    assert code == 0, (name, stderr[-3000:])
+    assert "resuming from the checkpoint of epoch" in stdout, name
+    assert "Traceback" not in stderr, name
+    records = [json.loads(l) for l in open(dirs[name] / "metrics.jsonl")]
+    assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1)), name
+    assert _outcome(dirs[name]) == expected, name  # bit for bit: floats compared exactly
+
+
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(straight, tmp_path):
+  _, expected = straight
+  cmd = [sys.executable, "-m", "dhmd_jax.main", "--config=configs/tiny.py",
+         f"--workdir={tmp_path}", "--config.train.seeds=(1111,)",
+         f"--config.train.num_epochs={EPOCHS}", "--config.train.steps_per_chunk=3"]
+  env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
+  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+  latest = tmp_path / "checkpoints" / "latest"
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if latest.is_dir() and any(p.name == "1" for p in latest.iterdir()):
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be interrupted"
+  proc.send_signal(signal.SIGINT)
+  stdout, stderr = proc.communicate(timeout=300)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
+  lines = [l for l in stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and lines[0].startswith("interrupted "), stderr[-3000:]
+  assert "rerun the same command to resume" in lines[0]
+  rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert "resuming from the checkpoint of epoch" in rerun.stdout
+  assert _outcome(tmp_path) == expected
+
+
+def _copy_run(src, dst):
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.copytree(src, dst)
+  return dst
+
+
+def test_a_corrupted_newest_checkpoint_is_skipped_with_one_warning(straight, tmp_path, capsys):
+  src, expected = straight
+  latest = src / "checkpoints" / "latest"
+  assert sorted(int(p.name) for p in latest.iterdir() if p.name.isdigit()) == [2, 3]
+
+  # A truncated host JSON and, separately, truncated array files: the run falls back to epoch
+  # 2, retrains epoch 3, and ends exactly like the uninterrupted run.
+  for name, damage in (("json", "host"), ("arrays", "arrays")):
+    workdir = _copy_run(src, tmp_path / name)
+    newest = workdir / "checkpoints" / "latest" / "3"
+    if damage == "host":
+      files = [p for p in (newest / "host").rglob("*") if p.is_file()]
+    else:
+      files = [p for p in (newest / "arrays").rglob("*") if p.is_file()
+               and p.stat().st_size > 64 and not p.name.endswith(".json")
+               and "_METADATA" not in p.name]
+    assert files, damage
+    for f in files:
+      f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    os.remove(workdir / "results.json")
+    capsys.readouterr()
+    train_lib.train_and_evaluate(_config(), str(workdir))
+    err = capsys.readouterr().err
+    warnings = [l for l in err.splitlines() if l.startswith("warning: skipped the unreadable")]
+    assert len(warnings) == 1 and str(newest) in warnings[0], err[-2000:]
+    assert list((workdir / "checkpoints" / "unreadable").iterdir())  # kept for inspection
+    assert _outcome(workdir) == expected, name
+
+  # Nothing readable: one line, and nothing is deleted.
+  workdir = _copy_run(src, tmp_path / "none")
+  for epoch in ("2", "3"):
+    for f in (workdir / "checkpoints" / "latest" / epoch / "host").rglob("*"):
+      if f.is_file():
+        f.write_bytes(b"{")
+  with pytest.raises(checkpoint.CheckpointError, match="no readable checkpoint") as info:
+    train_lib.train_and_evaluate(_config(), str(workdir))
+  assert "\n" not in str(info.value)
+  assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()
+                if p.name.isdigit()) == ["2", "3"]
+
+
+def test_evaluate_uses_the_runs_config_and_rejects_conflicts(straight):
+  workdir, expected = straight
+  given = tiny.get_config()  # the command's config: two seeds, another epoch count
+  config = evaluate_lib.run_config(str(workdir), given=given,
+                                   explicit={"train.eval_batch_size"})
+  assert list(config.train.seeds) == [1111] and config.train.num_epochs == EPOCHS
+  given.train.eval_batch_size = 16  # allowed to differ
+  config = evaluate_lib.run_config(str(workdir), given=given, explicit={"train.eval_batch_size"})
+  assert config.train.eval_batch_size == 16
+  evaluated = evaluate_lib.evaluate(config, str(workdir), split="test")["per_seed"]
+  assert evaluated == expected[1]  # the batch size of prediction does not change a result
+  with pytest.raises(train_lib.TrainingError,
+                     match=r"train.seeds=\[1111, 1112\] differs from the run .*\[1111\]"):
+    evaluate_lib.run_config(str(workdir), given=given, explicit={"train.seeds"})
+  with pytest.raises(train_lib.TrainingError, match="differs from the run"):
+    evaluate_lib.run_config(str(workdir), given=given, explicit={"<file>"})
+  with pytest.raises(train_lib.TrainingError, match="config.json not found"):
+    evaluate_lib.run_config(str(workdir / "nowhere"))
+
+
+def test_evaluate_and_predict_via_the_command_line_without_repeating_overrides(straight):
+  workdir, expected = straight
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  base = [sys.executable, "-m", "dhmd_jax.main", f"--workdir={workdir}"]
+  out = subprocess.run(base + ["--mode=predict", "--split=valid",
+                               f"--output={workdir}/cli.csv"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert list(csv.reader(open(workdir / "cli.csv"))) == expected[2]
+  bad = subprocess.run(base + ["--mode=evaluate", "--config=configs/tiny.py",
+                               "--config.train.seeds=(1111,1112)"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "Traceback" not in bad.stderr
+  lines = [l for l in bad.stderr.strip().splitlines() if l.strip()]
+  assert len(lines) == 1 and "train.seeds" in lines[0] and "differs from the run" in lines[0]
+
+
+def test_unwritable_workdir_stops_before_any_work(tmp_path, monkeypatch):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  with pytest.raises(train_lib.TrainingError, match="cannot write to the workdir"):
+    train_lib.train_and_evaluate(_config(), str(blocker / "run"))
+  if os.geteuid() != 0:  # root writes through permission bits
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    with pytest.raises(train_lib.TrainingError, match="cannot write to the workdir"):
+      train_lib.train_and_evaluate(_config(), str(ro))
+  # Read-only file systems report EROFS when the write test creates its file.
+  real = train_lib.tempfile.NamedTemporaryFile
+
+  def read_only(*args, **kwargs):
+    raise OSError(30, "Read-only file system")
+  monkeypatch.setattr(train_lib.tempfile, "NamedTemporaryFile", read_only)
+  with pytest.raises(train_lib.TrainingError, match="Read-only file system"):
+    train_lib.train_and_evaluate(_config(), str(tmp_path / "new"))
+  assert not (tmp_path / "new").exists()
+  monkeypatch.setattr(train_lib.tempfile, "NamedTemporaryFile", real)
+
+
+def test_a_run_that_fails_at_start_leaves_no_workdir(tmp_path):
+  config = _config()
+  config.train.batch_size = 1000  # more than the 96 training samples
+  workdir = tmp_path / "fresh"
+  with pytest.raises(train_lib.TrainingError, match="fewer than one optimizer step"):
+    train_lib.train_and_evaluate(config, str(workdir))
+  assert not workdir.exists()
