@@ -112,7 +112,12 @@ def _format_seconds(seconds):
 
 
 class ProgressBar:
-  """A one-line progress bar with rate and ETA on stderr, redrawn at most every `interval` s."""
+  """Progress with rate and ETA on stderr.
+
+  On a terminal, one line redrawn in place at most every `interval` s. Anywhere else (a log
+  file, a pipe) a plain line, with no control characters, each time another tenth of the run is
+  done, so that a redirected log stays readable.
+  """
 
   def __init__(self, total_steps, *, enabled, interval, width=28, stream=None):
     self.total = max(int(total_steps), 1)
@@ -120,10 +125,15 @@ class ProgressBar:
     self.interval = interval
     self.width = width
     self.stream = stream or sys.stderr
+    try:
+      self.in_place = bool(self.stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or a closed stream
+      self.in_place = False
     self.start = time.time()
     self.done = 0
     self._last_draw = 0.0
     self._on_line = False  # a partial bar is on the terminal line
+    self._next_tenth = 1  # plain lines: the next tenth of the run to report
     self._first_time = None
     self._first_done = 0
     self.label = ""
@@ -134,11 +144,18 @@ class ProgressBar:
       self._first_time, self._first_done = now, done
     self.done = done
     self.label = label
-    if self.enabled and (now - self._last_draw >= self.interval or done >= self.total):
-      self._last_draw = now
-      self.stream.write("\r" + self.render(now) + "\033[K")
+    if not self.enabled:
+      return
+    if self.in_place:
+      if now - self._last_draw >= self.interval or done >= self.total:
+        self._last_draw = now
+        self.stream.write("\r" + self.render(now) + "\033[K")
+        self.stream.flush()
+        self._on_line = True
+    elif done * 10 >= self._next_tenth * self.total:
+      self._next_tenth = done * 10 // self.total + 1
+      self.stream.write(self.render(now) + "\n")
       self.stream.flush()
-      self._on_line = True
 
   def render(self, now=None):
     now = time.time() if now is None else now
@@ -205,7 +222,8 @@ def _cell(value, name):
 
 
 def epoch_line(epoch, num_epochs, *, train_loss, valid, test, lr, active, family, seconds):
-  """The one-line summary of an epoch (means over seeds)."""
+  """The one-line summary of an epoch: means over seeds, and each seed's learning rate when
+  they differ."""
   key = {"regression": ("MAE", "Non0_acc_2"), "sims": ("MAE", "Mult_acc_2"),
          "binary": ("Accuracy", "F1_score")}[family]
   parts = [f"epoch {epoch}/{num_epochs}", f"loss {np.nanmean(train_loss):.4f}"]
@@ -213,10 +231,16 @@ def epoch_line(epoch, num_epochs, *, train_loss, valid, test, lr, active, family
     parts.append(f"valid {name} {np.nanmean(valid[name]):.4f}")
   if test:
     parts.append(f"test {key[0]} {np.nanmean(test[key[0]]):.4f}")
-  parts.append(f"lr {np.mean(lr):.2e}")
+  parts.append(f"lr {_learning_rates(lr)}")
   parts.append(f"active {int(np.sum(active))}/{len(active)}")
   parts.append(f"{seconds:.1f}s")
   return " | ".join(parts)
+
+
+def _learning_rates(lr):
+  """One value when every seed has it, else each seed's value in seed order."""
+  values = [f"{float(v):.2e}" for v in np.atleast_1d(lr)]
+  return values[0] if len(set(values)) == 1 else ",".join(values)
 
 
 def write_predictions(path, ids, labels, preds, seeds):

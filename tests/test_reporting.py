@@ -1,17 +1,24 @@
-"""Reporting pieces: the progress bar's rate and ETA, metrics.jsonl truncation on resume, the
-Markdown report and strict JSON."""
+"""Reporting pieces: the progress bar's rate and ETA, in place on a terminal and plain lines in a
+log, the epoch line, metrics.jsonl truncation on resume, the Markdown report and strict JSON."""
 
 import io
 import json
 import math
 
+import numpy as np
+
 from dhmd_jax import reporting
+
+
+class _Terminal(io.StringIO):
+  def isatty(self):
+    return True
 
 
 def test_progress_rate_ignores_time_before_first_update(monkeypatch):
   clock = iter([0.0, 100.0, 110.0, 110.0])  # construction, first update (after compiling), ...
   monkeypatch.setattr(reporting.time, "time", lambda: next(clock))
-  stream = io.StringIO()
+  stream = _Terminal()
   bar = reporting.ProgressBar(100, enabled=True, interval=0.0, stream=stream)
   bar.update(10, label="epoch 1/2")  # t=100: 10 steps done, the first chunk incl. compilation
   bar.update(30, label="epoch 1/2")  # t=110: 20 more steps in 10 s -> 2 steps/s
@@ -20,6 +27,57 @@ def test_progress_rate_ignores_time_before_first_update(monkeypatch):
   assert "ETA 0:00:35" in text  # 70 steps at 2 steps/s
   bar.end_line()
   assert stream.getvalue().endswith("\n")
+
+
+def test_progress_redraws_in_place_only_on_a_terminal(monkeypatch):
+  monkeypatch.setattr(reporting.time, "time", lambda: 5.0)
+  terminal = _Terminal()
+  bar = reporting.ProgressBar(3, enabled=True, interval=0.0, stream=terminal)
+  for done in (1, 2, 3):
+    bar.update(done, label="epoch 1/1")
+  assert terminal.getvalue().count("\r") == 3 and terminal.getvalue().count("\033[K") == 3
+  assert "\n" not in terminal.getvalue()  # one line, redrawn
+
+
+def test_progress_in_a_log_file_is_plain_lines_every_tenth(monkeypatch):
+  monkeypatch.setattr(reporting.time, "time", lambda: 5.0)
+  log = io.StringIO()  # not a terminal, as a redirected stderr
+  bar = reporting.ProgressBar(95, enabled=True, interval=0.0, stream=log)
+  for done in range(1, 96):
+    bar.update(done, label=f"epoch {done // 20 + 1}/5")
+  bar.end_line()  # nothing to end
+  text = log.getvalue()
+  assert "\r" not in text and "\033" not in text
+  assert all(c == "\n" or c.isprintable() for c in text)
+  lines = text.splitlines()
+  done = [int(line.split("] ")[1].split("/")[0]) for line in lines]
+  assert done == [10, 19, 29, 38, 48, 57, 67, 76, 86, 95]  # each tenth of 95 steps, and the end
+  assert lines[-1].startswith("epoch 5/5 [############################] 95/95 steps")
+  big_steps = io.StringIO()  # chunks of many steps: one line per chunk at most
+  bar = reporting.ProgressBar(100, enabled=True, interval=0.0, stream=big_steps)
+  for done in (4, 50, 51, 100):
+    bar.update(done)
+  assert [line.split("] ")[1].split(" ")[0] for line in big_steps.getvalue().splitlines()] == [
+      "50/100", "100/100"]
+  quiet = io.StringIO()
+  bar = reporting.ProgressBar(10, enabled=False, interval=0.0, stream=quiet)
+  bar.update(10)
+  assert quiet.getvalue() == ""
+
+
+def _epoch_line(lr):
+  valid = {"MAE": [0.8, 0.9], "Non0_acc_2": [0.7, 0.6]}
+  return reporting.epoch_line(3, 30, train_loss=[1.0, 2.0], valid=valid, test={}, lr=lr,
+                              active=[True, False], family="regression", seconds=1.25)
+
+
+def test_epoch_line_shows_each_seeds_learning_rate_when_they_differ():
+  line = _epoch_line(np.array([5e-5, 5e-5, 1e-4, 1e-4, 1e-4]))
+  assert "| lr 5.00e-05,5.00e-05,1.00e-04,1.00e-04,1.00e-04 |" in line  # not the mean 8.00e-05
+  assert "| lr 1.00e-04 |" in _epoch_line(np.array([1e-4, 1e-4, 1e-4]))
+  assert _epoch_line(np.array([2.5e-5, 1e-4])) == (
+      "epoch 3/30 | loss 1.5000 | valid MAE 0.8500 | valid Non0_acc_2 0.6500 | "
+      "lr 2.50e-05,1.00e-04 | active 1/2 | 1.2s")
 
 
 def test_metrics_log_drops_records_after_resumed_epoch(tmp_path):
