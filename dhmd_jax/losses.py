@@ -197,7 +197,7 @@ def orthogonality_loss(*, shared, private, mode="torch19_batch_axis"):
   return total
 
 
-def adaptive_margin_loss(*, features, labels, scale=0.15):
+def adaptive_margin_loss(*, features, labels, scale=0.15, with_stats=False):
   """Adaptive-margin hinge L_mar of the DMD code (`HingeLoss`; the code's form of Eq. 4).
 
   The 3B vectors f (each sample's L, V and A feature) inherit their sample's continuous label y.
@@ -213,9 +213,12 @@ def adaptive_margin_loss(*, features, labels, scale=0.15):
     features: (B, M, C) features (DMD: align_c_m(flatten(c_m))).
     labels: (B,) or (B, 1) continuous labels.
     scale: margin per unit of label difference (DMD code 0.15).
+    with_stats: also return {"triplets": number of (anchor, positive, negative) triplets,
+      "active": how many of them have a positive hinge} (floats; 0 triplets means the loss is 0
+      because the batch had none, not because it was solved).
 
   Returns:
-    Scalar.
+    Scalar, or (scalar, stats) with `with_stats`.
   """
   b, m, c = features.shape
   n = b * m
@@ -235,7 +238,15 @@ def adaptive_margin_loss(*, features, labels, scale=0.15):
   per_anchor_count = jnp.sum(pos, axis=1) * jnp.sum(neg, axis=1)  # (N,)
   per_anchor = _safe_div(per_anchor_sum, per_anchor_count)  # (N,)
   valid = per_anchor_count > 0  # (N,)
-  return _safe_div(jnp.sum(jnp.where(valid, per_anchor, 0.0)), jnp.sum(valid))
+  loss = _safe_div(jnp.sum(jnp.where(valid, per_anchor, 0.0)), jnp.sum(valid))
+  if not with_stats:
+    return loss
+  return loss, _triplet_stats(mask, hinge)
+
+
+def _triplet_stats(mask, hinge):
+  return {"triplets": jnp.sum(mask).astype(jnp.float32),
+          "active": jnp.sum(mask & (hinge > 0)).astype(jnp.float32)}
 
 
 def triplet_classes(*, labels, mode="round7"):
@@ -261,7 +272,7 @@ def triplet_classes(*, labels, mode="round7"):
   return labels
 
 
-def triplet_margin_loss(*, features, classes, margin=0.1):
+def triplet_margin_loss(*, features, classes, margin=0.1, with_stats=False):
   """Cross-modal triplet hinge: L_mar (paper Eq. 4) and L_ctr^ho / L_ctr^he (Eq. 13).
 
   Over the 3B vectors (sample b, modality m), with modality m[i] and class c[i]:
@@ -278,9 +289,10 @@ def triplet_margin_loss(*, features, classes, margin=0.1):
     features: (B, M, C) per-sample, per-modality vectors (X^com for Eq. 4, z for Eq. 13).
     classes: (B,) class ids (int or float, compared with ==), e.g. from `triplet_classes`.
     margin: alpha (paper: 0.1).
+    with_stats: also return {"triplets": |S|, "active": triplets with a positive hinge}.
 
   Returns:
-    Scalar.
+    Scalar, or (scalar, stats) with `with_stats`.
   """
   b, m, c = features.shape
   n = b * m
@@ -298,7 +310,8 @@ def triplet_margin_loss(*, features, classes, margin=0.1):
   mask = pos[:, :, None] & neg[:, None, :]  # (N, N, N)
   total = jnp.sum(jnp.where(mask, hinge, 0.0))
   count = jnp.sum(jnp.sum(pos, axis=1) * jnp.sum(neg, axis=1))  # |S|
-  return _safe_div(total, count)
+  loss = _safe_div(total, count)
+  return (loss, _triplet_stats(mask, hinge)) if with_stats else loss
 
 
 # ---------------------------------------------------------------------------------------------

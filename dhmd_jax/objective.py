@@ -10,8 +10,6 @@ import jax.numpy as jnp
 from dhmd_jax import losses
 from dhmd_jax.names import EDGE_NAMES
 
-# Names of the directed GD edges in the model's edge order (student j <- teacher i).
-
 
 def task_kind(config):
   return "ce" if config.dataset.task == "binary" else "l1"
@@ -24,11 +22,15 @@ def triplet_classes(config, labels):
   return losses.triplet_classes(labels=labels, mode=config.loss.triplet_classes)
 
 
+_NO_TRIPLETS = {"triplets": jnp.zeros(()), "active": jnp.zeros(())}
+
+
 def _decoupling_terms(config, outputs, labels):
-  """L_rec, L_cyc, L_mar and L_ort (Eq. 2-5), or zeros when there is no decoupling."""
+  """L_rec, L_cyc, L_mar, L_ort (Eq. 2-5) and L_mar's triplet counts, or zeros when there is
+  no decoupling."""
   if "shared" not in outputs:
     zero = jnp.zeros(())
-    return zero, zero, zero, zero
+    return zero, zero, zero, zero, _NO_TRIPLETS
   rec = losses.reconstruction_loss(
       predictions=outputs["recon"], targets=outputs["proj"],
       reduction=config.loss.recon_reduction)
@@ -38,17 +40,17 @@ def _decoupling_terms(config, outputs, labels):
   ort = losses.orthogonality_loss(
       shared=outputs["shared"], private=outputs["private"], mode=config.loss.ort_mode)
   if config.loss.margin_mode == "code":
-    mar = losses.adaptive_margin_loss(
+    mar, stats = losses.adaptive_margin_loss(
         features=outputs["margin_features"], labels=labels.astype(jnp.float32),
-        scale=config.loss.adaptive_margin_scale)
+        scale=config.loss.adaptive_margin_scale, with_stats=True)
   elif config.loss.margin_mode == "paper":
-    mar = losses.triplet_margin_loss(
+    mar, stats = losses.triplet_margin_loss(
         features=outputs["margin_features"], classes=triplet_classes(config, labels),
-        margin=config.loss.margin)
+        margin=config.loss.margin, with_stats=True)
   else:
     raise ValueError(f"config.loss.margin_mode must be 'code' or 'paper', "
                      f"got {config.loss.margin_mode!r}")
-  return rec, cyc, mar, ort
+  return rec, cyc, mar, ort, stats
 
 
 def _gd_term(config, outputs, space):
@@ -70,11 +72,13 @@ def _gd_term(config, outputs, space):
 
 
 def _ctr_term(config, outputs, labels, space):
+  """L_ctr of one dictionary space (Eq. 13) and its triplet counts, or zeros."""
   key = f"dm_{space}_recon"
   if key not in outputs:
-    return jnp.zeros(())
+    return jnp.zeros(()), _NO_TRIPLETS
   return losses.triplet_margin_loss(
-      features=outputs[key], classes=triplet_classes(config, labels), margin=config.dm.margin)
+      features=outputs[key], classes=triplet_classes(config, labels), margin=config.dm.margin,
+      with_stats=True)
 
 
 def compute_objective(config, outputs, labels):
@@ -96,16 +100,23 @@ def compute_objective(config, outputs, labels):
     raise ValueError(f"config.loss.task must be 'sum8' or 'final', got {config.loss.task!r}")
   task = losses.task_loss(prediction=outputs["prediction"], labels=labels, aux_logits=aux,
                           kind=kind)
-  rec, cyc, mar, ort = _decoupling_terms(config, outputs, labels)
+  rec, cyc, mar, ort, mar_stats = _decoupling_terms(config, outputs, labels)
   dtl_homo, gd_homo_parts = _gd_term(config, outputs, "homo")
   dtl_hetero, gd_hetero_parts = _gd_term(config, outputs, "hetero")
+  ctr_homo, ctr_homo_stats = _ctr_term(config, outputs, labels, "homo")
+  ctr_hetero, ctr_hetero_stats = _ctr_term(config, outputs, labels, "hetero")
   terms = losses.total_loss(
       task=task, rec=rec, cyc=cyc, mar=mar, ort=ort, dtl_homo=dtl_homo, dtl_hetero=dtl_hetero,
-      ctr_homo=_ctr_term(config, outputs, labels, "homo"),
-      ctr_hetero=_ctr_term(config, outputs, labels, "hetero"),
+      ctr_homo=ctr_homo, ctr_hetero=ctr_hetero,
       lambda_dec=config.loss.lambda_dec, lambda_dtl=config.loss.lambda_dtl,
       lambda_dic=config.loss.lambda_dic, gamma=config.loss.gamma)
   terms = dict(terms, **gd_homo_parts, **gd_hetero_parts)
+  # How many triplets each triplet loss found in the batch, and how many still have a positive
+  # hinge: a loss of 0 from an empty triplet set is not a solved one.
+  for name, stats in (("mar", mar_stats), ("ctr_homo", ctr_homo_stats),
+                      ("ctr_hetero", ctr_hetero_stats)):
+    terms[f"triplets/{name}"] = stats["triplets"]
+    terms[f"triplets_active/{name}"] = stats["active"]
   terms["final_task"] = losses.task_loss(prediction=outputs["prediction"], labels=labels,
                                          aux_logits=None, kind=kind)
   return terms["total"], terms

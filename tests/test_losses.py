@@ -350,3 +350,42 @@ def test_total_loss_arithmetic():
                       "ctr_homo", "ctr_hetero", "dic", "total"}
   custom = losses.total_loss(**terms, lambda_dec=1.0, lambda_dtl=2.0, lambda_dic=0.0, gamma=0.5)
   assert custom["total"] == pytest.approx(1 + (2 + 3 + 0.5 * 9) + 2 * 13)
+
+
+def _brute_counts(features, values, *, adaptive, margin_or_scale):
+  """(triplets, active) by loops: every (anchor, positive, negative) the loss averages over."""
+  items = _stack(np.asarray(features, np.float64), np.asarray(values, np.float64))
+  triplets = active = 0
+  for i, (fi, mi, vi) in enumerate(items):
+    for j, (fj, mj, vj) in enumerate(items):
+      for fk, mk, vk in items:
+        if adaptive:
+          ok = j != i and vj == vi and vk != vi
+          margin = margin_or_scale * abs(vi - vk)
+        else:
+          ok = mi != mj and mi == mk and vi == vj and vi != vk
+          margin = margin_or_scale
+        if ok:
+          triplets += 1
+          active += margin - _cos_hinge_norm(fi, fj) + _cos_hinge_norm(fi, fk) > 0
+  return triplets, active
+
+
+def test_triplet_counts_match_loops():
+  """`with_stats` returns the same loss and counts the triplets a loop finds (and how many of
+  them still have a positive hinge); an empty set is reported as 0 triplets."""
+  rng = np.random.default_rng(8)
+  for b in (1, 3, 5):
+    feats = rng.normal(size=(b, 3, 4)).astype(np.float32)
+    y = rng.choice(np.array([-1.0, 0.0, 2.2], np.float32), size=b)
+    loss, stats = losses.adaptive_margin_loss(features=feats, labels=y, with_stats=True)
+    np.testing.assert_allclose(loss, losses.adaptive_margin_loss(features=feats, labels=y))
+    expected = _brute_counts(feats, y, adaptive=True, margin_or_scale=0.15)
+    assert (float(stats["triplets"]), float(stats["active"])) == expected, (b, expected)
+    cls = rng.integers(0, 2, size=b)
+    loss, stats = losses.triplet_margin_loss(features=feats, classes=cls, with_stats=True)
+    np.testing.assert_allclose(loss, losses.triplet_margin_loss(features=feats, classes=cls))
+    expected = _brute_counts(feats, cls, adaptive=False, margin_or_scale=0.1)
+    assert (float(stats["triplets"]), float(stats["active"])) == expected, (b, expected)
+  _, stats = losses.triplet_margin_loss(features=feats, classes=np.zeros(5), with_stats=True)
+  assert float(stats["triplets"]) == 0.0
