@@ -32,6 +32,7 @@ import numpy as np
 from configs import mosei
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
+from dhmd_jax import validation
 from dhmd_jax.models import dhmd as dhmd_model
 
 _CASES = flags.DEFINE_string(
@@ -83,7 +84,7 @@ def make_config(variant):
     config.model.remat = _REMAT.value
   if _STACK_COMPUTE.value is not None:
     config.model.stack_compute = _STACK_COMPUTE.value
-  return config
+  return validation.validate(config)
 
 
 def synthetic_arrays(layout, num, seed=0):

@@ -23,10 +23,12 @@ parameters are in `latest/` too); checkpoints in the per-branch parameter layout
 module that touches the orbax API.
 """
 
+import json
 import logging as py_logging
 import os
 import sys
 import time
+import zlib
 
 import jax
 import orbax.checkpoint as ocp
@@ -76,6 +78,57 @@ def _reason(error):
   return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
+MANIFEST = "dhmd_manifest.json"
+
+
+def _file_digests(folder):
+  """{relative path: [size, crc32]} of every file under `folder` but the manifest."""
+  out = {}
+  for root, _, files in os.walk(folder):
+    for name in files:
+      path = os.path.join(root, name)
+      rel = os.path.relpath(path, folder)
+      if rel in (MANIFEST, MANIFEST + ".tmp"):
+        continue
+      crc = 0
+      with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # pylint: disable=cell-var-from-loop
+          crc = zlib.crc32(block, crc)
+      out[rel] = [os.path.getsize(path), crc]
+  return out
+
+
+def _write_manifest(folder):
+  """Records size and CRC32 of every file of a committed checkpoint (atomic write)."""
+  digests = _file_digests(folder)
+  tmp = os.path.join(folder, MANIFEST + ".tmp")
+  with open(tmp, "w") as f:
+    json.dump({"files": digests}, f)
+  os.replace(tmp, os.path.join(folder, MANIFEST))
+
+
+def _damage(folder):
+  """Why a checkpoint's files differ from its manifest, or None (also when it has none: a kill
+  between the commit and the manifest; orbax's own reading decides then)."""
+  path = os.path.join(folder, MANIFEST)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      expected = json.load(f)["files"]
+  except (OSError, ValueError, KeyError) as error:
+    return f"its {MANIFEST} is unreadable ({_reason(error)})"
+  actual = _file_digests(folder)
+  for rel, (size, crc) in sorted(expected.items()):
+    if rel not in actual:
+      return f"{rel} is missing"
+    if actual[rel][0] != size:
+      return f"{rel} has {actual[rel][0]} bytes, {size} when written"
+    if actual[rel][1] != crc:
+      return f"{rel} changed since it was written (CRC32 mismatch)"
+  return None
+
+
 class Checkpointer:
   """Saves and restores the per-epoch checkpoints of a workdir (see the module docstring).
 
@@ -86,6 +139,7 @@ class Checkpointer:
     _quiet_orbax()
     self.directory = os.path.join(workdir, "checkpoints", "latest")
     self._read_only = read_only
+    self._pending = None  # epoch of a save whose files may still be in flight
     self._manager = None
     if not read_only or os.path.isdir(self.directory):
       self._manager = _manager(self.directory, create=not read_only)
@@ -99,14 +153,23 @@ class Checkpointer:
     are on the host, while the files are written in the background."""
     if self._read_only:
       raise CheckpointError("this Checkpointer is read-only")
+    self.wait()
     arrays = jax.device_get({"state": state, "best_params": best_params})
     self._manager.save(epoch, args=ocp.args.Composite(arrays=ocp.args.StandardSave(arrays),
                                                       host=ocp.args.JsonSave(host)))
+    self._pending = epoch
 
   def wait(self):
-    """Blocks until the last save is committed (renamed into place)."""
-    if self._manager is not None:
-      self._manager.wait_until_finished()
+    """Blocks until the last save is committed (renamed into place), then records the size and
+    CRC32 of its files (`dhmd_manifest.json`), so damage is recognised before orbax reads it."""
+    if self._manager is None:
+      return
+    self._manager.wait_until_finished()
+    if self._pending is not None:
+      folder = os.path.join(self.directory, str(self._pending))
+      if os.path.isdir(folder):
+        _write_manifest(folder)
+      self._pending = None
 
   def restore(self, *, state, best_params, check_host=None):
     """The newest readable checkpoint: (epoch, {"state", "best_params"}, host), or None.
@@ -121,6 +184,10 @@ class Checkpointer:
     failures = []
     for epoch in reversed(epochs):
       path = os.path.join(self.directory, str(epoch))
+      damage = _damage(path)
+      if damage is not None:
+        failures.append((path, CheckpointError(damage)))
+        continue
       try:
         host = self._manager.restore(epoch, args=ocp.args.Composite(
             host=ocp.args.JsonRestore()))["host"]
@@ -132,6 +199,11 @@ class Checkpointer:
       try:
         arrays = self._restore_arrays(epoch, target)
       except Exception as error:  # pylint: disable=broad-except
+        if _incompatible(error):  # readable, but not this model's: never skip or move it
+          raise CheckpointError(
+              f"the checkpoint {path} holds arrays of another structure than this model "
+              f"({_reason(error)}); it was written by another config or version: use a new "
+              f"--workdir, or the version that wrote it") from None
         failures.append((path, error))
         continue
       for bad, error in failures:
@@ -173,9 +245,18 @@ class Checkpointer:
 
   def close(self):
     if self._manager is not None:
-      self._manager.wait_until_finished()
+      self.wait()
       self._manager.close()
       self._manager = None
+
+
+def _incompatible(error):
+  """True when orbax read the checkpoint but its tree or shapes differ from the target (as
+  opposed to files that cannot be read: those are damaged)."""
+  text = str(error)
+  return isinstance(error, (ValueError, KeyError)) and (
+      "tree structures do not match" in text or "Structure mismatch" in text
+      or "not compatible with the stored shape" in text)
 
 
 def _v1_target(target):

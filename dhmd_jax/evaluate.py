@@ -20,6 +20,7 @@ from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
+from dhmd_jax import validation
 
 SPLITS = ("train", "valid", "test")
 # Fields a command may set differently from the run it evaluates: where the data and caches are,
@@ -73,7 +74,7 @@ def run_config(workdir, *, given=None, explicit=()):
                                   f"and should not be edited") from None
   config = ml_collections.ConfigDict(stored)
   if given is None:
-    return config
+    return validation.validate(config)
   stored_flat = train_lib.flat_config(config)
   given_flat = train_lib.flat_config(given)
   names = sorted(set(explicit) - {"<file>"})  # the fields set one by one are checked first
@@ -91,7 +92,7 @@ def run_config(workdir, *, given=None, explicit=()):
           f"{name}={given_flat[name]!r} differs from the run in {workdir} "
           f"({stored_flat[name]!r}); evaluate and predict use the run's own config.json: "
           f"drop the override (or the --config file), or train a new run with it")
-  return config
+  return validation.validate(config)
 
 
 def restore_params(config, workdir, which="best"):

@@ -71,6 +71,7 @@ def _run(config, workdir):
   from dhmd_jax import data as data_lib
   from dhmd_jax import evaluate as evaluate_lib
   from dhmd_jax import train as train_lib
+  from dhmd_jax import validation
   # pylint: enable=g-import-not-at-top
   try:
     if _MODE.value == "train":
@@ -87,6 +88,8 @@ def _run(config, workdir):
       print(f"wrote {path}")
   except train_lib.Interrupted as e:
     _stop(str(e), 130)
+  except validation.ConfigError as e:  # a value no run can use: a command-line mistake
+    _stop(f"error: {e}", 2)
   except (data_lib.DataError, train_lib.TrainingError, checkpoint.CheckpointError) as e:
     _stop(f"error: {e}", 1)
 

@@ -14,6 +14,8 @@ import shutil
 import socket
 import subprocess
 import sys
+
+import pytest
 import tempfile
 import time
 
@@ -161,6 +163,7 @@ def _compare(got, want, metric_tol, param_tol, what):
           max(_max_diff(a, b) for a, b in zip(got["params"], want["params"])))
 
 
+@pytest.mark.slow
 def test_two_processes_agree_with_one():
   coordinator = f"localhost:{_free_port()}"
   start = time.monotonic()

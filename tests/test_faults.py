@@ -3,7 +3,9 @@ corrupted checkpoints, a read-only workdir, evaluate/predict with the run's own 
 
 The kills are real (`os.kill(SIGKILL)` inside a child process, placed by wrapping the function
 that runs at that point); every resumed run must equal an uninterrupted one bit for bit: its
-report, `evaluate` and `predict`.
+report, `evaluate` and `predict`. The trainer's machinery does not depend on the model, so these
+runs use `fake_model.FakeModel` (compiles in a second); one test kills and resumes the real
+model too (marked slow).
 """
 
 import csv
@@ -17,11 +19,13 @@ import time
 import numpy as np
 import pytest
 
+import fake_model
 from configs import tiny
 from dhmd_jax import checkpoint
 from dhmd_jax import evaluate as evaluate_lib
 from dhmd_jax import train as train_lib
 
+_REAL_BUILD = train_lib.build
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
 
@@ -31,11 +35,17 @@ EPOCHS = 3
 # checkpoint of epoch n is committed (before the next epoch or the report).
 CHILD = r"""
 import os, signal, sys
+sys.path.insert(0, "tests")
 import jax
+import fake_model
 from configs import tiny
 from dhmd_jax import checkpoint, steps, train as train_lib
 
-config = tiny.get_config()
+if os.environ.get("REAL_MODEL"):
+  config = tiny.get_config()
+else:
+  config = fake_model.fake_config()
+  fake_model.install()
 config.train.seeds = (1111,)
 config.train.num_epochs = %d
 config.train.steps_per_chunk = 3
@@ -68,11 +78,14 @@ train_lib.train_and_evaluate(config, sys.argv[1])
 """ % EPOCHS
 
 
-def _child(workdir, fault=None):
+def _child(workdir, fault=None, real_model=False):
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
   env.pop("FAULT", None)
+  env.pop("REAL_MODEL", None)
   if fault:
     env["FAULT"] = fault
+  if real_model:
+    env["REAL_MODEL"] = "1"
   return subprocess.Popen([sys.executable, "-c", CHILD, str(workdir)], cwd=REPO, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -86,15 +99,27 @@ def _wait(procs):
 
 
 def _config():
-  config = tiny.get_config()
+  config = fake_model.fake_config()
   config.train.seeds = (1111,)
   config.train.num_epochs = EPOCHS
   config.train.steps_per_chunk = 3
   return config
 
 
-def _outcome(workdir):
+@pytest.fixture(autouse=True)
+def _fake_model_here(monkeypatch):
+  """In-process runs, evaluate and predict build the FakeModel too."""
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+
+
+def _outcome(workdir, build=fake_model.fake_build):
   """Everything a user reads from a finished run: report, evaluate and predict."""
+  with pytest.MonkeyPatch.context() as patch:
+    patch.setattr(train_lib, "build", build)
+    return _read_outcome(workdir)
+
+
+def _read_outcome(workdir):
   config = evaluate_lib.run_config(str(workdir))
   results = json.load(open(os.path.join(workdir, "results.json")))
   results.pop("wall_time_s")
@@ -129,9 +154,17 @@ def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(straight, 
     assert _outcome(dirs[name]) == expected, name  # bit for bit: floats compared exactly
 
 
+# `python -m dhmd_jax.main ARGS`, with the FakeModel and fake_config()'s switches.
+MAIN = ("import runpy, sys; sys.path.insert(0, 'tests'); import fake_model; "
+        "fake_model.install(); sys.argv[0] = 'dhmd_jax.main'; "
+        "runpy.run_module('dhmd_jax.main', run_name='__main__', alter_sys=True)")
+FAKE_SWITCHES = ("--config.model.arch=mult", "--config.model.use_gd=False",
+                 "--config.model.use_dm=False")
+
+
 def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(straight, tmp_path):
   _, expected = straight
-  cmd = [sys.executable, "-m", "dhmd_jax.main", "--config=configs/tiny.py",
+  cmd = [sys.executable, "-c", MAIN, "--config=configs/tiny.py", *FAKE_SWITCHES,
          f"--workdir={tmp_path}", "--config.train.seeds=(1111,)",
          f"--config.train.num_epochs={EPOCHS}", "--config.train.steps_per_chunk=3"]
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
@@ -170,15 +203,21 @@ def test_a_corrupted_newest_checkpoint_is_skipped_with_one_warning(straight, tmp
 
   # A truncated host JSON and, separately, truncated array files: the run falls back to epoch
   # 2, retrains epoch 3, and ends exactly like the uninterrupted run.
-  for name, damage in (("json", "host"), ("arrays", "arrays")):
+  # Damage is found from the size and CRC32 recorded in each checkpoint's manifest before orbax
+  # reads anything; without a manifest (a kill between a save's commit and its manifest),
+  # orbax's failure to read decides.
+  for name, damage in (("json", "host"), ("arrays", "arrays"), ("no_manifest", "arrays")):
     workdir = _copy_run(src, tmp_path / name)
     newest = workdir / "checkpoints" / "latest" / "3"
+    assert (newest / checkpoint.MANIFEST).exists()
+    if name == "no_manifest":
+      os.remove(newest / checkpoint.MANIFEST)
     if damage == "host":
       files = [p for p in (newest / "host").rglob("*") if p.is_file()]
     else:
       files = [p for p in (newest / "arrays").rglob("*") if p.is_file()
                and p.stat().st_size > 64 and not p.name.endswith(".json")
-               and "_METADATA" not in p.name]
+               and "_METADATA" not in p.name and "commit_success" not in p.name]
     assert files, damage
     for f in files:
       f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
@@ -206,7 +245,7 @@ def test_a_corrupted_newest_checkpoint_is_skipped_with_one_warning(straight, tmp
 
 def test_evaluate_uses_the_runs_config_and_rejects_conflicts(straight):
   workdir, expected = straight
-  given = tiny.get_config()  # the command's config: two seeds, another epoch count
+  given = fake_model.fake_config()  # the command's config: two seeds, another epoch count
   config = evaluate_lib.run_config(str(workdir), given=given,
                                    explicit={"train.eval_batch_size"})
   assert list(config.train.seeds) == [1111] and config.train.num_epochs == EPOCHS
@@ -227,14 +266,14 @@ def test_evaluate_uses_the_runs_config_and_rejects_conflicts(straight):
 def test_evaluate_and_predict_via_the_command_line_without_repeating_overrides(straight):
   workdir, expected = straight
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  base = [sys.executable, "-m", "dhmd_jax.main", f"--workdir={workdir}"]
+  base = [sys.executable, "-c", MAIN, f"--workdir={workdir}"]
   out = subprocess.run(base + ["--mode=predict", "--split=valid",
                                f"--output={workdir}/cli.csv"],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert out.returncode == 0, out.stderr[-3000:]
   assert list(csv.reader(open(workdir / "cli.csv"))) == expected[2]
   bad = subprocess.run(base + ["--mode=evaluate", "--config=configs/tiny.py",
-                               "--config.train.seeds=(1111,1112)"],
+                               "--config.train.seeds=(1111,1112)", *FAKE_SWITCHES],
                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
   assert bad.returncode != 0 and "Traceback" not in bad.stderr
   lines = [l for l in bad.stderr.strip().splitlines() if l.strip()]
@@ -271,3 +310,45 @@ def test_a_run_that_fails_at_start_leaves_no_workdir(tmp_path):
   with pytest.raises(train_lib.TrainingError, match="fewer than one optimizer step"):
     train_lib.train_and_evaluate(config, str(workdir))
   assert not workdir.exists()
+
+
+def test_a_checkpoint_of_another_model_is_refused_not_skipped(straight, tmp_path):
+  """A readable checkpoint whose arrays do not fit the model (another config or version) is
+  an error naming it, never mistaken for damage: nothing is skipped or moved."""
+  src, _ = straight
+  workdir = _copy_run(src, tmp_path / "other")
+  config = _config()  # the checkpoint holds FakeModel parameters; restore DHMD's
+  ckpt = checkpoint.Checkpointer(str(workdir))
+  try:
+    run_model = _REAL_BUILD(config, None)
+    import jax  # pylint: disable=g-import-not-at-top
+    from dhmd_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+    from dhmd_jax import steps  # pylint: disable=g-import-not-at-top
+    dataset = data_lib.load_dataset(config.dataset, workdir=str(workdir))
+    sample = jax.tree.map(lambda a: a[:8],
+                          data_lib.split_arrays(dataset.splits["train"], "regression"))
+    abstract = jax.eval_shape(jax.vmap(lambda k: steps.init_state(config, run_model, sample, k)),
+                              train_lib.seed_keys([1111])[0])
+    with pytest.raises(checkpoint.CheckpointError, match="another structure") as info:
+      ckpt.restore(state=abstract, best_params=abstract.params)
+  finally:
+    ckpt.close()
+  assert "\n" not in str(info.value) and str(workdir / "checkpoints" / "latest" / "3") in str(
+      info.value)
+  assert sorted(p.name for p in (workdir / "checkpoints" / "latest").iterdir()
+                if p.name.isdigit()) == ["2", "3"]
+  assert not (workdir / "checkpoints" / "unreadable").exists()
+
+
+@pytest.mark.slow
+def test_the_real_model_resumes_bit_for_bit_after_sigkill_mid_epoch(tmp_path):
+  """The same with the real (tiny) DHMD: dropout keys, Adam moments and the selection state all
+  come back exactly from a kill in the middle of an epoch."""
+  straight_dir, killed_dir = tmp_path / "straight", tmp_path / "killed"
+  procs = [_child(straight_dir, real_model=True), _child(killed_dir, "step@4", real_model=True)]
+  (code, _, stderr), (killed_code, _, _) = _wait(procs)
+  assert code == 0, stderr[-3000:]
+  assert killed_code == -signal.SIGKILL
+  [(code, stdout, stderr)] = _wait([_child(killed_dir, real_model=True)])
+  assert code == 0 and "resuming from the checkpoint of epoch 1" in stdout, stderr[-3000:]
+  assert _outcome(killed_dir, _REAL_BUILD) == _outcome(straight_dir, _REAL_BUILD)

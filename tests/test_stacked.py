@@ -98,8 +98,12 @@ def test_converted_v1_parameters_reproduce_every_output_term_and_gradient(legacy
   for key, value in flat_out.items():
     np.testing.assert_allclose(value, _get(want_out, key), rtol=2e-5, atol=2e-6, err_msg=key)
   want_terms = _nest(legacy, f"{name}/terms")
-  assert set(terms) == set(want_terms)
+  # Every loss term the per-branch code had, plus the triplet counts added since (not losses).
+  assert set(want_terms) <= set(terms)
+  assert all(k.startswith(("triplets/", "triplets_active/")) for k in set(terms) - set(want_terms))
   for key, value in terms.items():
+    if key not in want_terms:
+      continue
     np.testing.assert_allclose(value, want_terms[key], rtol=2e-5, atol=2e-6, err_msg=key)
   if name.startswith("full"):
     want_grads = layout.convert_v1_params(_nest(legacy, f"{name}/grads"))

@@ -56,13 +56,8 @@ class DictionaryMatching(nn.Module):
     c = sequences[0].shape[-1]
     dictionary = self.param("dictionary", nn.initializers.xavier_normal(),
                             (self.num_elements, c))  # (K, C)
-    if self.score_scale == "none":
-      scale = 1.0
-    elif self.score_scale == "sqrt_dim":
-      scale = 1.0 / math.sqrt(c)
-    else:
-      raise ValueError(f"config.dm.score_scale must be 'none' or 'sqrt_dim', got "
-                       f"{self.score_scale!r}")
+    # "none" or "sqrt_dim" (validated once, in validation.py and ModelSettings).
+    scale = 1.0 / math.sqrt(c) if self.score_scale == "sqrt_dim" else 1.0
     pooled = []
     for idx, z in enumerate(sequences):
       if self.detach_input:

@@ -96,7 +96,7 @@ class GDUnit(nn.Module):
                              w_repr(reprs, with_bias=with_bias)], axis=-1)  # (3, B, 2g)
         return jnp.stack([jnp.concatenate([z[j], z[i]], axis=-1)  # [z_j, z_i], as coded
                           for j, i in EDGES], axis=1)  # (B, 6, 4g)
-    elif self.edge_input == "raw":
+    else:  # "raw" (the config is validated once, in validation.py and ModelSettings)
       x = jnp.concatenate([logits, reprs], axis=-1)  # (3, B, O + H): [f(X_m), X_m]
       stacked = jnp.stack([jnp.concatenate([x[i], x[j]], axis=-1)  # Eq. 8: [i, j]
                            for j, i in EDGES], axis=1)  # (B, 6, 2(O + H))
@@ -104,9 +104,6 @@ class GDUnit(nn.Module):
       def pairs(with_bias):
         del with_bias
         return stacked
-    else:
-      raise ValueError(
-          f"config.gd.edge_input must be 'embedded' or 'raw', got {self.edge_input!r}")
     w_edge = _Linear(1, name="W_edge")
     scores = w_edge(pairs(True))[..., 0]  # (B, 6)  e_{j<-i}
     shift_free = w_edge(pairs(False), with_bias=False)[..., 0]  # (B, 6) e minus a constant
