@@ -8,10 +8,10 @@ A case is `layout:batch:seeds`. A training "step" is what the reference figures 
 every loss, backward and the Adam step on one batch (`--update_epochs=1`, the default), here run
 as a jitted `lax.scan` of `--steps` steps over device-resident data, for `seeds` seeds at once
 (vmap). With `--update_epochs=U` a step is U micro-batches and one Adam step (the reference
-protocol, U = 10). samples/s counts every micro-batch of every seed. Compile time is the first call's wall time minus a
-steady-state call. Also reported: FLOPs of one step (XLA cost analysis), the fraction of the
-CPU's peak it reaches (on CPU), evaluation throughput, the peak device memory (or the process
-peak RSS on CPU), the device and the library versions.
+protocol, U = 10). samples/s counts every micro-batch of every seed. Compile time is the first
+call's wall time minus a steady-state call. Also reported: FLOPs of one step (XLA cost
+analysis), the fraction of the CPU's peak it reaches (on CPU), evaluation throughput, the peak
+device memory (or the process peak RSS on CPU), the device and the library versions.
 """
 
 import dataclasses
@@ -61,8 +61,8 @@ _STACK_COMPUTE = flags.DEFINE_enum(
     "config.model.stack_compute (default: the config's).")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
                                      "Samples per seed in the evaluation-throughput pass.")
-_EVAL_BATCH = flags.DEFINE_integer("eval_batch_size", 256,
-                                   "Batch size of the evaluation pass (config.train.eval_batch_size).")
+_EVAL_BATCH = flags.DEFINE_integer(
+    "eval_batch_size", 256, "Batch size of the evaluation pass (config.train.eval_batch_size).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 # MOSEI shapes: (T, D) per modality.
@@ -205,7 +205,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   one_state = jax.tree.map(lambda a: a[0], states)
   one_batch = jax.tree.map(lambda a: a[chunk.index[0, 0]], chunk.data)
   step = jax.jit(steps.make_train_step(config, model))
-  cost = step.lower(one_state, one_batch, chunk.dropout_keys[0]).cost_analysis()  # no second compile
+  # Lowering only: no second compilation.
+  cost = step.lower(one_state, one_batch, chunk.dropout_keys[0]).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   peak, _ = cpu_peak_flops()

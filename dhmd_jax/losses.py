@@ -17,8 +17,6 @@ Conventions:
 This module imports only `jax`, `jax.numpy` and the standard library.
 """
 
-from collections.abc import Sequence
-
 import jax
 import jax.numpy as jnp
 

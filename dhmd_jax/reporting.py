@@ -209,7 +209,8 @@ def markdown_report(results):
   cells = [f"{_cell(summary[m]['mean'], m)} ± {_cell(summary[m]['std'], m)}" for m in names]
   lines.append("| mean ± std | | " + " | ".join(cells) + " |")
   lines.append("")
-  lines.append(f"Accuracies and F1 in %, MAE and Corr raw. Wall time {results['wall_time_s']:.1f} s.")
+  lines.append("Accuracies and F1 in %, MAE and Corr raw. "
+               f"Wall time {results['wall_time_s']:.1f} s.")
   return "\n".join(lines) + "\n"
 
 

@@ -50,7 +50,8 @@ assert jax.process_count() == num_processes, jax.process_count()
 assert jax.process_index() == process_id, jax.process_index()
 assert len(jax.local_devices()) == local_devices, jax.local_devices()
 assert len(jax.devices()) == num_processes * local_devices, jax.devices()
-""" + TINY_CHUNK_SETUP + r"""# The outputs are replicated: every process reads the whole value from its own device.
+""" + TINY_CHUNK_SETUP + r"""
+# The outputs are replicated: every process reads the whole value from its own device.
 fetch = lambda a: np.asarray(a.addressable_data(0))
 out = {"process_count": jax.process_count(), "process_index": jax.process_index(),
        "devices": len(jax.devices())}

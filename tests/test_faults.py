@@ -16,11 +16,9 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 
 import fake_model
-from configs import tiny
 from dhmd_jax import checkpoint
 from dhmd_jax import evaluate as evaluate_lib
 from dhmd_jax import train as train_lib
@@ -155,21 +153,31 @@ def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(straight, 
 
 
 # `python -m dhmd_jax.main ARGS`, with the FakeModel and fake_config()'s switches.
-MAIN = ("import runpy, sys; sys.path.insert(0, 'tests'); import fake_model; "
-        "fake_model.install(); sys.argv[0] = 'dhmd_jax.main'; "
+# With SLOW_CHUNKS set, every chunk takes a second longer, so that signals land mid-epoch.
+MAIN = ("import os, runpy, sys, time; sys.path.insert(0, 'tests'); import fake_model; "
+        "fake_model.install(); sys.argv[0] = 'dhmd_jax.main'\n"
+        "if os.environ.get('SLOW_CHUNKS'):\n"
+        "  from dhmd_jax import steps\n"
+        "  make = steps.make_run_chunk\n"
+        "  def slow(*a, **k):\n"
+        "    run = make(*a, **k)\n"
+        "    return lambda *x: (time.sleep(1.0), run(*x))[1]\n"
+        "  steps.make_run_chunk = slow\n"
         "runpy.run_module('dhmd_jax.main', run_name='__main__', alter_sys=True)")
 FAKE_SWITCHES = ("--config.model.arch=mult", "--config.model.use_gd=False",
                  "--config.model.use_dm=False")
 
 
-def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(straight, tmp_path):
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(straight, tmp_path, presses):
+  """One Ctrl-C: stop at the next chunk, one line, status 130. Two: exit at once, one line."""
   _, expected = straight
   cmd = [sys.executable, "-c", MAIN, "--config=configs/tiny.py", *FAKE_SWITCHES,
          f"--workdir={tmp_path}", "--config.train.seeds=(1111,)",
          f"--config.train.num_epochs={EPOCHS}", "--config.train.steps_per_chunk=3"]
   env = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env, SLOW_CHUNKS="1"),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   latest = tmp_path / "checkpoints" / "latest"
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -177,13 +185,18 @@ def test_ctrl_c_stops_cleanly_and_the_rerun_resumes(straight, tmp_path):
       break
     time.sleep(0.05)
   assert proc.poll() is None, "the run ended before it could be interrupted"
-  proc.send_signal(signal.SIGINT)
+  for press in range(presses):
+    if press:
+      time.sleep(0.3)  # signals arriving together reach Python's handler as one
+    proc.send_signal(signal.SIGINT)
   stdout, stderr = proc.communicate(timeout=300)
   assert proc.returncode == 130, stderr[-3000:]
   assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr
   lines = [l for l in stderr.strip().splitlines() if l.strip()]
   assert len(lines) == 1 and lines[0].startswith("interrupted "), stderr[-3000:]
   assert "rerun the same command to resume" in lines[0]
+  if presses == 2:
+    assert lines[0].startswith("interrupted twice")
   rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
   assert rerun.returncode == 0, rerun.stderr[-3000:]
   assert "resuming from the checkpoint of epoch" in rerun.stdout

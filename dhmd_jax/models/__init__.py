@@ -6,3 +6,5 @@ from dhmd_jax.models.dhmd import build_model
 from dhmd_jax.names import EDGE_NAMES
 from dhmd_jax.names import EDGES
 from dhmd_jax.models.gd_unit import edges_to_matrix
+
+__all__ = ["DHMD", "ModelSettings", "build_model", "EDGE_NAMES", "EDGES", "edges_to_matrix"]

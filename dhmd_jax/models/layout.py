@@ -35,7 +35,8 @@ STACKS = {
 }
 _LAYER_LEAVES = {  # v2 leaf name -> path inside a v1 `layers_{i}` sub-tree
     "layer_norm_0_scale": ("layer_norm_0", "scale"), "layer_norm_0_bias": ("layer_norm_0", "bias"),
-    "in_proj_kernel": ("self_attn", "in_proj_kernel"), "in_proj_bias": ("self_attn", "in_proj_bias"),
+    "in_proj_kernel": ("self_attn", "in_proj_kernel"),
+    "in_proj_bias": ("self_attn", "in_proj_bias"),
     "out_proj_kernel": ("self_attn", "out_proj", "kernel"),
     "out_proj_bias": ("self_attn", "out_proj", "bias"),
     "layer_norm_1_scale": ("layer_norm_1", "scale"), "layer_norm_1_bias": ("layer_norm_1", "bias"),
