@@ -21,11 +21,13 @@ def get_config():
   # One of mosi, mosei, sims, urfunny, mustard, synthetic. Selects the metrics and label range.
   config.dataset.name = "synthetic"
   # File layout: "mmsa" (aligned_50.pkl / unaligned_50.pkl / unaligned_39.pkl) or
-  # "multibench" (MulT / MultiBench pickles with `labels`).
+  # "multibench" (MulT / MultiBench pickles with `labels`). Synthetic data is written in this
+  # layout too (as with synthetic.layout: either one set to "multibench" selects it).
   config.dataset.format = "mmsa"
   # Path of the feature pickle. Empty for the synthetic dataset (written into the workdir).
   config.dataset.path = ""
-  # Folder for the .npy cache made on first load; empty means `<path>.cache` beside the pickle.
+  # Folder for the .npy cache made on first load. Empty: `<path>.cache` beside the pickle, or,
+  # when that folder is not writable, ~/.cache/dhmd_jax/features/<name>-<path hash>-<file hash>.
   config.dataset.cache_dir = ""
   # What to do with -inf/NaN features: "zero" replaces them by 0 (as MMSA does) and counts them;
   # "error" refuses the file.
@@ -36,7 +38,8 @@ def get_config():
   # "regression" (sentiment in [-3, 3] or [-1, 1]) or "binary" (UR-FUNNY, MUStARD: labels 0/1).
   config.dataset.task = "regression"
   # Synthetic data (used when name == "synthetic"): the dataset whose shapes it imitates
-  # ("mosi", "mosei", "sims"), aligned or not, the layout, split sizes and the generator seed.
+  # ("mosi", "mosei", "sims"; "urfunny", "mustard" with task "binary"), aligned or not, the
+  # layout ("mmsa" or "multibench", see format), split sizes and the generator seed.
   config.dataset.synthetic = ml_collections.ConfigDict()
   config.dataset.synthetic.like = "mosei"
   config.dataset.synthetic.aligned = True
@@ -45,9 +48,29 @@ def get_config():
   config.dataset.synthetic.num_valid = 256
   config.dataset.synthetic.num_test = 256
   config.dataset.synthetic.seed = 0
+  # Vocabulary of the synthetic `text_bert` ids: that of the BERT meant to read them
+  # (bert-base-uncased: 30522; the tests' tiny BERT: 128).
+  config.dataset.synthetic.text_vocab_size = 30522
 
   # ---------------------------------------------------------------- model
   config.model = ml_collections.ConfigDict()
+  # Text input. "features": the pickle's precomputed `text` (B, T, D) (frozen BERT or GloVe
+  # features). "bert": the DMD code's setting: BERT run on the MMSA `text_bert` token ids
+  # (B, 3, T) and fine-tuned end to end with everything else (same Adam learning rate, no frozen
+  # layers); its last_hidden_state takes the place of `text` (then text_dropout and Conv1d).
+  config.model.text_encoder = "features"
+  config.model.bert = ml_collections.ConfigDict()
+  # Local Hugging Face folder of the BERT (config.json + model.safetensors), e.g. bert-base-uncased
+  # as the DMD code uses; read with the safetensors NumPy API, never downloaded.
+  config.model.bert.path = ""
+  # "checkpoint": architecture from <path>/config.json, every seed starts from
+  # <path>/model.safetensors (the reference). "random": no files, the architecture below randomly
+  # initialised (benchmarks only: not the paper's setting).
+  config.model.bert.init = "checkpoint"
+  # Architecture for init="random" (bert-base-uncased's); with "checkpoint", config.json decides.
+  config.model.bert.random_arch = ml_collections.ConfigDict(dict(
+      vocab_size=30522, hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072,
+      max_positions=512, type_vocab_size=2, hidden_dropout=0.1, attention_dropout=0.1))
   # "dhmd" (decoupling + both branches) or "mult" (the MulT baseline of Table 8: cross-modal
   # transformers on the projected features, no decoupling, no homogeneous branch).
   config.model.arch = "dhmd"
@@ -100,8 +123,9 @@ def get_config():
   # GD-reinforced and DM-reconstructed features -> residual MLP.
   config.model.fusion = "code"
   # The DMD code builds proj_cosine_{l,v,a} (flatten-Linear T'd -> d on the private features)
-  # whose outputs no loss uses. Off: not built (identical training, fewer parameters); on: built
-  # so the parameter count equals the reference's exactly.
+  # and, with BERT, BertModel's pooler, whose outputs no loss uses. Off: not built (identical
+  # training, fewer parameters); on: built (the pooler loaded from the checkpoint) so the
+  # parameter count equals the reference's exactly.
   config.model.unused_reference_layers = False
 
   # ---------------------------------------------------------------- graph distillation (GD-Unit)
@@ -212,4 +236,32 @@ def get_config():
   # Minimum seconds between progress-bar redraws.
   config.log.progress_interval_s = 2.0
 
+  return config
+
+
+# Where the BERT variants of the dataset configs expect the checkpoint folder (README: BERT).
+BERT_PATH = "data/bert-base-uncased"
+
+
+def parse_variant(variant, where):
+  """`aligned`, `unaligned`, `bert` (= aligned with BERT) or `<aligned|unaligned>,bert` ->
+  (layout, use_bert). `where` names the config file in the error."""
+  parts = [p.strip() for p in str(variant).split(",")]
+  use_bert = "bert" in parts
+  layouts = [p for p in parts if p != "bert"] or ["aligned"]
+  if len(layouts) != 1 or layouts[0] not in ("aligned", "unaligned") or parts.count("bert") > 1:
+    raise ValueError(f"{where}: variant must be 'aligned', 'unaligned', 'bert' or "
+                     f"'unaligned,bert', got {variant!r}")
+  return layouts[0], use_bert
+
+
+def use_bert(config):
+  """The DMD code's text path (use_bert, use_finetune, pretrained bert-base-uncased): BERT on
+  the `text_bert` ids, fine-tuned at the same learning rate, its output through text_dropout
+  and the Conv1d. Memory only: micro-batch gradients one at a time (a vmapped accumulation would
+  hold update_epochs = 10 copies of BERT's 110M-parameter gradient); the same update."""
+  config.model.text_encoder = "bert"
+  config.model.bert.path = BERT_PATH
+  config.model.bert.init = "checkpoint"
+  config.train.accumulate = "scan"
   return config

@@ -1,4 +1,7 @@
-"""CMU-MOSEI (MMSA pickles). `--config=configs/mosei.py` (aligned) or `configs/mosei.py:unaligned`.
+"""CMU-MOSEI (MMSA pickles). `--config=configs/mosei.py` (aligned) or `configs/mosei.py:unaligned`;
+`configs/mosei.py:bert` / `:unaligned,bert`: text through bert-base-uncased fine-tuned end to end
+from `text_bert`, as the DMD code trains it (`--config.model.bert.path`, default
+data/bert-base-uncased; README "BERT").
 
 Values from the DMD code's config (reference table (a)); the paper's Table 1 column [2] differs
 only in the audio kernel (paper 3, code 1): `--config.model.conv_kernel.audio=3` gives the paper's.
@@ -8,8 +11,7 @@ from configs import default as default_lib
 
 
 def get_config(variant="aligned"):
-  if variant not in ("aligned", "unaligned"):
-    raise ValueError(f"configs/mosei.py: variant must be 'aligned' or 'unaligned', got {variant!r}")
+  variant, bert = default_lib.parse_variant(variant, "configs/mosei.py")
   config = default_lib.get_config()
   config.dataset.name = "mosei"
   config.dataset.format = "mmsa"
@@ -30,4 +32,6 @@ def get_config(variant="aligned"):
   # seeds fit in 24 GB (unaligned MOSEI batch 16 x 5 seeds: peak RSS 6.2 GB; out of memory
   # without). Speed only: the numbers are the same.
   config.model.remat = variant == "unaligned"
+  if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
+    default_lib.use_bert(config)
   return config

@@ -1,4 +1,7 @@
-"""CMU-MOSI (MMSA pickles). `--config=configs/mosi.py` (aligned) or `configs/mosi.py:unaligned`.
+"""CMU-MOSI (MMSA pickles). `--config=configs/mosi.py` (aligned) or `configs/mosi.py:unaligned`;
+`configs/mosi.py:bert` / `:unaligned,bert`: text through bert-base-uncased fine-tuned end to end
+from `text_bert`, as the DMD code trains it (`--config.model.bert.path`, default
+data/bert-base-uncased; README "BERT").
 
 Values from the DMD code's config (reference table (a)), equal to the paper's Table 1 column [1].
 """
@@ -7,8 +10,7 @@ from configs import default as default_lib
 
 
 def get_config(variant="aligned"):
-  if variant not in ("aligned", "unaligned"):
-    raise ValueError(f"configs/mosi.py: variant must be 'aligned' or 'unaligned', got {variant!r}")
+  variant, bert = default_lib.parse_variant(variant, "configs/mosi.py")
   config = default_lib.get_config()
   config.dataset.name = "mosi"
   config.dataset.format = "mmsa"
@@ -29,4 +31,6 @@ def get_config(variant="aligned"):
   # seeds fit in 24 GB (unaligned MOSEI batch 16 x 5 seeds: peak RSS 6.2 GB; out of memory
   # without). Speed only: the numbers are the same.
   config.model.remat = variant == "unaligned"
+  if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
+    default_lib.use_bert(config)
   return config

@@ -3,6 +3,7 @@
   python -m dhmd_jax.benchmark                       # all cases, JSON + Markdown on stdout
   python -m dhmd_jax.benchmark --cases=aligned:16:1,unaligned:16:1 --out=bench.json
   python -m dhmd_jax.benchmark --variant=dmd         # the model as in the reference (no DM)
+  python -m dhmd_jax.benchmark --variant=dmd --text_encoder=bert --cases=aligned:16:1  # + BERT
 
 A case is `layout:batch:seeds`. A training "step" is what the reference figures time: forward,
 every loss, backward and the Adam step on one batch (`--update_epochs=1`, the default), here run
@@ -63,6 +64,11 @@ _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
                                      "Samples per seed in the evaluation-throughput pass.")
 _EVAL_BATCH = flags.DEFINE_integer(
     "eval_batch_size", 256, "Batch size of the evaluation pass (config.train.eval_batch_size).")
+_TEXT_ENCODER = flags.DEFINE_enum(
+    "text_encoder", "features", ["features", "bert"],
+    "features: the precomputed 768-d text features; bert: text through a randomly initialised "
+    "BERT of bert-base-uncased's size (12 layers, hidden 768; config.model.bert.random_arch) on "
+    "text_bert ids, fine-tuned with the rest, as the DMD code trains it (no weights needed).")
 _OUT = flags.DEFINE_string("out", "", "Also write the JSON here.")
 
 # MOSEI shapes: (T, D) per modality.
@@ -84,14 +90,25 @@ def make_config(variant):
     config.model.remat = _REMAT.value
   if _STACK_COMPUTE.value is not None:
     config.model.stack_compute = _STACK_COMPUTE.value
+  if _TEXT_ENCODER.value == "bert":
+    config.model.text_encoder = "bert"
+    config.model.bert.init = "random"  # the cost of bert-base, not its weights
   return validation.validate(config)
 
 
-def synthetic_arrays(layout, num, seed=0):
+def synthetic_arrays(layout, num, seed=0, text_encoder="features"):
+  """Random MOSEI-shaped batches; with text_encoder="bert", `text_bert` token rows (ids of
+  bert-base-uncased's vocabulary, [CLS] first, [SEP] last, no padding) instead of `text`."""
   rng = np.random.default_rng(seed)
   arrays = {}
   for m, (t, d) in SHAPES[layout].items():
-    arrays[m] = rng.standard_normal((num, t, d), dtype=np.float32)
+    if m == "text" and text_encoder == "bert":
+      ids = rng.integers(1000, 30522, size=(num, t))
+      ids[:, 0], ids[:, -1] = 101, 102
+      arrays["text_bert"] = np.stack([ids, np.ones_like(ids), np.zeros_like(ids)],
+                                     axis=1).astype(np.int32)  # (N, 3, T)
+    else:
+      arrays[m] = rng.standard_normal((num, t, d), dtype=np.float32)
     arrays[f"{m}_mask"] = np.ones((num, t), bool)
   arrays["label"] = np.clip(rng.standard_normal(num), -3, 3).astype(np.float32)
   return arrays
@@ -145,6 +162,8 @@ class CaseResult:
   eval_samples_per_s: float
   eval_batch_size: int
   cpu_peak_fraction: float | None
+  text_encoder: str = "features"
+  params: int = 0  # parameters of one seed's model
 
 
 @dataclasses.dataclass
@@ -168,7 +187,7 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
   """Initial states of `num_seeds` seeds and a chunk of `num_steps` steps (the timed unit)."""
   micro = config.train.update_epochs
   num = max(batch * micro * num_steps, 256)
-  data = jax.device_put(synthetic_arrays(layout, num))
+  data = jax.device_put(synthetic_arrays(layout, num, text_encoder=config.model.text_encoder))
   seeds = list(range(1111, 1111 + num_seeds))
   keys = jnp.stack([jax.random.key(s) for s in seeds])
   dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
@@ -214,7 +233,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   fraction = achieved / peak if (peak and jax.default_backend() == "cpu") else None
 
   predict = steps.make_predict(model, batch_size=_EVAL_BATCH.value)
-  eval_data = jax.device_put(synthetic_arrays(layout, _EVAL_SAMPLES.value, seed=1))
+  eval_data = jax.device_put(synthetic_arrays(layout, _EVAL_SAMPLES.value, seed=1,
+                                              text_encoder=config.model.text_encoder))
   jax.block_until_ready(predict(states.params, eval_data))
   start = time.perf_counter()
   jax.block_until_ready(predict(states.params, eval_data))
@@ -226,7 +246,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
                                                      config.model.remat),
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
-                    _EVAL_BATCH.value, fraction)
+                    _EVAL_BATCH.value, fraction, text_encoder=config.model.text_encoder,
+                    params=sum(int(x.size) for x in jax.tree.leaves(one_state.params)))
 
 
 def environment():
@@ -246,15 +267,16 @@ def environment():
 
 def markdown(results, env):
   lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}", "",
-           "| model | layout | batch | micro-batches/step | seeds | compile s | ms/step "
-           "| samples/s | GFLOP/step | % CPU peak | eval samples/s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| model | text | layout | batch | micro-batches/step | seeds | compile s | ms/step "
+           "| samples/s | GFLOP/step | % CPU peak | eval samples/s | parameters |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     frac = "" if r["cpu_peak_fraction"] is None else f"{100 * r['cpu_peak_fraction']:.1f}"
-    lines.append(f"| {r['variant']} | {r['layout']} | {r['batch']} | {r['micro_batches']} | "
-                 f"{r['seeds']} | "
+    lines.append(f"| {r['variant']} | {r['text_encoder']} | {r['layout']} | {r['batch']} | "
+                 f"{r['micro_batches']} | {r['seeds']} | "
                  f"{r['compile_s']:.1f} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | "
-                 f"{r['step_gflops']:.2f} | {frac} | {r['eval_samples_per_s']:.0f} |")
+                 f"{r['step_gflops']:.2f} | {frac} | {r['eval_samples_per_s']:.0f} | "
+                 f"{r['params']:,} |")
   return "\n".join(lines)
 
 

@@ -11,6 +11,13 @@ of a `.npy` cache:
   renamed into place only when complete; on any error it is removed.
 * Later loads check the cache's manifest against the pickle (size, mtime, hash of the first and
   last MiB) and memory-map the arrays: only the pages a run touches are read.
+* Where: `dataset.cache_dir` when set; else `<pickle>.cache` beside the pickle when its folder is
+  writable (or already holds a valid cache); else, for read-only data folders, a per-user folder
+  `~/.cache/dhmd_jax/features/<pickle name>-<hash of its path>-<hash of its fingerprint>` (said
+  in one line; older caches of the same path there are removed once the new one is built).
+* A build holds `<cache>.lock` (flock) so that two processes never build the same cache at once
+  (the second waits and then opens the first's). Under that lock, `<cache>.tmp-*` and
+  `<cache>.old-*` folders, which only a killed build leaves behind, are removed.
 
 Masks are True for real frames: from `text_bert[:, 1]` (MMSA text), from `*_lengths` (MMSA
 unaligned audio/vision) or else from zero padding (a frame is real if any feature is nonzero or
@@ -23,11 +30,14 @@ value and what to do. Pickles can run code when loaded: only load files from tru
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 
@@ -45,14 +55,15 @@ BINARY_NAMES = ("urfunny", "mustard")
 NAMES = (*REGRESSION_RANGES, *BINARY_NAMES, "synthetic")
 
 _CACHE_KIND = "dhmd-jax feature cache"
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: MMSA `text_bert` cached (text_bert.npy)
 _MANIFEST = "manifest.json"
 _MANIFEST_KEYS = frozenset({"pickle", "settings", "num_samples", "feature_dims", "seq_lens",
-                            "aligned", "nonfinite_counts"})
+                            "aligned", "nonfinite_counts", "text_bert"})
 _HASH_BYTES = 1 << 20  # hash the first and the last MiB of the pickle
 _CHUNK_BYTES = 32 << 20  # features converted per chunk
 _LABEL_TOLERANCE = 1e-4
 _REBUILD_HINT = "delete the folder or set --config.dataset.rebuild_cache=True"
+_USER_CACHE = os.path.join("~", ".cache", "dhmd_jax", "features")  # read-only data folders
 _WHERE_TO_GET = (
     "MMSA files (aligned_50.pkl, unaligned_50.pkl, unaligned_39.pkl) come from the dataset links "
     "(Baidu/Google Drive) in the thuiar/MMSA README (raw data: CMU-MultimodalSDK); MulT and "
@@ -75,6 +86,8 @@ class Split:
   lengths: dict[str, np.ndarray]  # modality -> (N,) int32, number of real frames
   labels: np.ndarray  # (N,) float32 (regression) or int32 in {0, 1} (binary)
   ids: np.ndarray  # (N,) str
+  # (N, 3, T_text) int32 [input_ids, attention_mask, segment_ids] of MMSA files, else None.
+  text_bert: np.ndarray | None = None
 
   @property
   def num_samples(self) -> int:
@@ -100,20 +113,23 @@ def load_dataset(config, *, workdir: str | None = None) -> Dataset:
   """Loads the dataset described by `config` (the `config.dataset` ConfigDict).
 
   For `name == "synthetic"` with an empty `path`, the file
-  `<workdir>/data/synthetic-<like>-<aligned|unaligned>-<layout>-<seed>.pkl` is written first
-  when absent (and rewritten when its split sizes differ from the config); binary synthetic data
-  always uses the multibench layout. Raises `DataError` on anything unusable.
+  `<workdir>/data/synthetic-<like>-<aligned|unaligned>-<layout>-<seed>[-vocab<V>].pkl` (V: a
+  `synthetic.text_vocab_size` other than bert-base-uncased's) is written first
+  when absent (and rewritten when its split sizes differ from the config). Its layout is
+  multibench when `format` or `synthetic.layout` says so (both default to mmsa) and always for
+  binary tasks. Raises `DataError` on anything unusable.
   """
   task, label_range = _check_config(config)
   if config.name == "synthetic":
-    fmt = "multibench" if task == "binary" else config.synthetic.layout
+    fmt = _synthetic_layout(config, task)
     path, generated = _synthetic_path(config, workdir, fmt)
   else:
     fmt, path, generated = config.format, config.path, False
     if not path:
       raise DataError(f"config.dataset.path is empty for dataset {config.name}: set "
                       f"--config.dataset.path to the feature pickle; {_WHERE_TO_GET}")
-  cache_dir = config.cache_dir or path + ".cache"
+  # An empty cache_dir is resolved by _load (beside the pickle or the per-user folder).
+  cache_dir = os.path.expanduser(config.cache_dir) if config.cache_dir else ""
   spec = _Spec(path=path, cache_dir=cache_dir, fmt=fmt, task=task, label_range=label_range,
                nonfinite=config.nonfinite, name=config.name)
   # A generated synthetic file is ours, and so is its cache: rebuild it whenever it is stale.
@@ -192,6 +208,12 @@ def _check_config(config):
     if task == "regression" and like not in REGRESSION_RANGES:
       raise DataError(f"synthetic like={like!r} is a binary dataset: set "
                       f"--config.dataset.task=binary, or like to one of {tuple(REGRESSION_RANGES)}")
+    layout = _synthetic_layout(config, task)
+    if layout == "multibench" and like == "sims":
+      raise DataError(f"synthetic like='sims' has only the mmsa layout, but the config asks for "
+                      f"multibench (config.dataset.format={config.format!r}, "
+                      f"config.dataset.synthetic.layout={config.synthetic.layout!r}): set both to "
+                      f"mmsa, or like to mosi or mosei")
     kind = like
   else:
     kind = config.name
@@ -207,6 +229,14 @@ def _check_config(config):
   return task, (REGRESSION_RANGES[kind] if task == "regression" else None)
 
 
+def _synthetic_layout(config, task):
+  """The layout of synthetic data: either field set to multibench selects it (both default to
+  mmsa, so whichever one the user set counts); binary labels exist only in that layout."""
+  if task == "binary" or "multibench" in (config.format, config.synthetic.layout):
+    return "multibench"
+  return "mmsa"
+
+
 def _synthetic_sizes(config):
   s = config.synthetic
   return (int(s.num_train), int(s.num_valid), int(s.num_test))
@@ -220,7 +250,10 @@ def _synthetic_path(config, workdir, fmt):
     raise DataError("config.dataset.path is empty and no workdir was given for the synthetic "
                     "data: pass workdir= to load_dataset or set --config.dataset.path")
   s = config.synthetic
-  name = (f"synthetic-{s.like}-{'aligned' if s.aligned else 'unaligned'}-{fmt}-{s.seed}.pkl")
+  name = f"synthetic-{s.like}-{'aligned' if s.aligned else 'unaligned'}-{fmt}-{s.seed}"
+  if fmt == "mmsa" and s.text_vocab_size != synthetic.BERT_VOCAB_SIZE:
+    name += f"-vocab{s.text_vocab_size}"  # text_bert ids for another BERT: another file
+  name += ".pkl"
   path = os.path.join(workdir, "data", name)
   if not os.path.exists(path):
     _write_synthetic_file(config, path, fmt)
@@ -232,7 +265,8 @@ def _write_synthetic_file(config, path, fmt):
   try:
     synthetic.write_synthetic(path, like=s.like, aligned=s.aligned, layout=fmt,
                               num_train=s.num_train, num_valid=s.num_valid,
-                              num_test=s.num_test, seed=s.seed)
+                              num_test=s.num_test, seed=s.seed,
+                              text_vocab_size=s.text_vocab_size)
   except ValueError as e:
     raise DataError(f"config.dataset.synthetic: {e}") from None
 
@@ -241,43 +275,191 @@ def _write_synthetic_file(config, path, fmt):
 
 
 def _load(spec: _Spec, *, rebuild: bool) -> Dataset:
-  """Opens a valid cache, or builds it from the pickle first."""
+  """Opens a valid cache, or builds it from the pickle first (one builder at a time)."""
   if not os.path.isfile(spec.path):
     where = "is a folder, not a file" if os.path.isdir(spec.path) else "does not exist"
     raise DataError(f"feature pickle {spec.path} {where}: put the file there or set "
                     f"--config.dataset.path; {_WHERE_TO_GET}")
   fingerprint = _fingerprint(spec.path)
-  if os.path.lexists(spec.cache_dir):
-    manifest = _read_manifest(spec.cache_dir)
-    if manifest is None:  # never delete a folder that is not ours, even with rebuild_cache
-      raise DataError(f"cache folder {spec.cache_dir} exists but is not a dhmd-jax cache (no "
-                      f"readable {_MANIFEST}): delete it or set --config.dataset.cache_dir "
-                      f"to another folder")
-    problem = _manifest_problem(manifest, spec, fingerprint)
-    if problem is None:
-      try:
-        return _open_cache(spec, manifest)
-      except (OSError, ValueError, KeyError) as e:
-        if isinstance(e, DataError):
-          raise
-        problem = f"its arrays cannot be read ({type(e).__name__}: {e})"
-    if not rebuild:
-      raise DataError(f"cache {spec.cache_dir} no longer matches {spec.path}: {problem}; "
-                      f"{_REBUILD_HINT}")
-  manifest = _build_cache(spec, fingerprint)
+  spec = dataclasses.replace(spec, cache_dir=_cache_location(spec, fingerprint))
+  _remove_leftovers(spec.cache_dir, wait=False)
+  dataset, problem = _open_if_valid(spec, fingerprint)
+  if dataset is not None:
+    return dataset
+  if problem is not None and not rebuild:
+    raise DataError(f"cache {spec.cache_dir} no longer matches {spec.path}: {problem}; "
+                    f"{_REBUILD_HINT}")
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(spec.cache_dir)), exist_ok=True)
+    with _locked(spec.cache_dir, wait=True) as held:
+      if held:
+        # Another process may have built the cache while this one waited for the lock.
+        dataset, _ = _open_if_valid(spec, fingerprint)
+        if dataset is not None:
+          return dataset
+        _remove_leftovers(spec.cache_dir, wait=None)
+      manifest = _build_cache(spec, fingerprint)
+  except OSError as e:
+    raise DataError(f"cannot write the feature cache {spec.cache_dir} ({type(e).__name__}: "
+                    f"{e.strerror or e}): set --config.dataset.cache_dir to a folder you can "
+                    f"write") from None
+  _remove_replaced_user_caches(spec.cache_dir)
   return _open_cache(spec, manifest)
 
 
+def _open_if_valid(spec, fingerprint):
+  """(dataset, None) from a valid cache; (None, why it is stale) or (None, None) when absent."""
+  if not os.path.lexists(spec.cache_dir):
+    return None, None
+  manifest = _read_manifest(spec.cache_dir)
+  if manifest is None:  # never delete a folder that is not ours, even with rebuild_cache
+    raise DataError(f"cache folder {spec.cache_dir} exists but is not a dhmd-jax cache (no "
+                    f"readable {_MANIFEST}): delete it or set --config.dataset.cache_dir "
+                    f"to another folder")
+  problem = _manifest_problem(manifest, spec, fingerprint)
+  if problem is None:
+    try:
+      return _open_cache(spec, manifest), None
+    except (OSError, ValueError, KeyError) as e:
+      if isinstance(e, DataError):
+        raise
+      problem = f"its arrays cannot be read ({type(e).__name__}: {e})"
+  return None, problem
+
+
 def _fingerprint(path):
-  stat = os.stat(path)
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    digest.update(f.read(_HASH_BYTES))
-    if stat.st_size > _HASH_BYTES:
-      f.seek(max(_HASH_BYTES, stat.st_size - _HASH_BYTES))
+  try:
+    stat = os.stat(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
       digest.update(f.read(_HASH_BYTES))
+      if stat.st_size > _HASH_BYTES:
+        f.seek(max(_HASH_BYTES, stat.st_size - _HASH_BYTES))
+        digest.update(f.read(_HASH_BYTES))
+  except OSError as e:
+    raise DataError(f"cannot read the feature pickle {path} ({type(e).__name__}: "
+                    f"{e.strerror or e}): check that you may read it") from None
   return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
           "head_tail_sha256": digest.hexdigest()}
+
+
+# ----------------------------------------------------------------------------- cache location
+
+
+def _writable(folder):
+  return os.access(folder, os.W_OK | os.X_OK)
+
+
+def _user_cache_root():
+  return os.path.expanduser(_USER_CACHE)
+
+
+def _user_cache_name(path, fingerprint=None):
+  """`<name>-<path hash>-<fingerprint hash>`, or the prefix up to the path hash."""
+  key = lambda value: hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:12]
+  prefix = f"{os.path.basename(path)}-{key(os.path.abspath(path))}-"
+  return prefix if fingerprint is None else prefix + key(fingerprint)
+
+
+def _cache_location(spec, fingerprint):
+  """The configured folder; else beside the pickle when possible; else the per-user folder."""
+  if spec.cache_dir:
+    return spec.cache_dir
+  beside = spec.path + ".cache"
+  folder = os.path.dirname(os.path.abspath(spec.path))
+  if _writable(folder):
+    return beside
+  manifest = _read_manifest(beside)  # built before the folder became read-only: use it
+  if manifest is not None and _manifest_problem(manifest, spec, fingerprint) is None:
+    return beside
+  cache_dir = os.path.join(_user_cache_root(), _user_cache_name(spec.path, fingerprint))
+  print(f"data folder {folder} is not writable: the feature cache of "
+        f"{os.path.basename(spec.path)} is {cache_dir} (set --config.dataset.cache_dir to choose "
+        f"another)", flush=True)
+  return cache_dir
+
+
+def _remove_replaced_user_caches(cache_dir):
+  """Removes the per-user caches of earlier versions of the same pickle (ours only)."""
+  parent, name = os.path.split(os.path.abspath(cache_dir))
+  ours = re.fullmatch(r"(.+-[0-9a-f]{12}-)[0-9a-f]{12}", name)
+  if parent != os.path.abspath(_user_cache_root()) or not ours:
+    return
+  prefix = ours.group(1)  # `<pickle name>-<path hash>-`
+  for entry in os.listdir(parent):
+    other = os.path.join(parent, entry)
+    if (entry != name and entry.startswith(prefix) and re.fullmatch(r"[0-9a-f]{12}",
+                                                                     entry[len(prefix):])
+        and _read_manifest(other) is not None):
+      shutil.rmtree(other, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- build lock
+
+
+@contextlib.contextmanager
+def _locked(cache_dir, *, wait):
+  """Holds `<cache_dir>.lock` exclusively; yields True, or False when `wait` is False and
+  another process holds it (or the file system has no flock). The lock file is removed on
+  release, so no lock file stays behind."""
+  lock_path = os.path.abspath(cache_dir) + ".lock"
+  while True:
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except OSError:  # held by another process (non-blocking), or no flock here
+      os.close(fd)
+      fd = None
+      break
+    # The previous holder may have removed the file after this process opened it: then the
+    # lock is on a deleted file, and a third process may hold the new one. Lock the new one.
+    try:
+      current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+    except FileNotFoundError:
+      current = False
+    if current:
+      break
+    os.close(fd)
+  if fd is None:
+    yield False
+    return
+  try:
+    yield True
+  finally:
+    try:
+      os.unlink(lock_path)
+    except OSError:
+      pass
+    os.close(fd)
+
+
+def _remove_leftovers(cache_dir, *, wait):
+  """Removes `<cache>.tmp-*` / `<cache>.old-*` folders left by a killed build.
+
+  `wait=None`: the caller holds the lock. Otherwise the lock is taken first (`wait=False`: only
+  if free, as a normal load does; a build in progress keeps its folder).
+  """
+  parent, base = os.path.split(os.path.abspath(cache_dir))
+  pattern = re.compile(re.escape(base) + r"\.(tmp|old)-[a-z0-9_]{8}")  # tempfile.mkdtemp names
+  try:
+    names = [n for n in os.listdir(parent) if pattern.fullmatch(n)]
+  except OSError:
+    return
+  folders = [os.path.join(parent, n) for n in names]
+  folders = [f for f in folders if os.path.isdir(f) and not os.path.islink(f)]
+  if not folders:
+    return
+  if wait is None:
+    for folder in folders:
+      shutil.rmtree(folder, ignore_errors=True)
+    return
+  try:
+    with _locked(cache_dir, wait=wait) as held:
+      if held:
+        for folder in folders:
+          shutil.rmtree(folder, ignore_errors=True)
+  except OSError:  # a read-only folder: nothing can be removed there anyway
+    pass
 
 
 def _read_manifest(cache_dir):
@@ -323,9 +505,14 @@ def _open_cache(spec, manifest):
       features[m] = _load_npy(folder, f"{m}.npy", (n, t, d), mmap=True)  # (N, T, D)
       masks[m] = _load_npy(folder, f"{m}_mask.npy", (n, t), mmap=True)  # (N, T)
       lengths[m] = _load_npy(folder, f"{m}_lengths.npy", (n,), mmap=False)  # (N,)
+    text_bert = None
+    if manifest["text_bert"][split]:
+      text_bert = _load_npy(folder, "text_bert.npy", (n, 3, manifest["seq_lens"]["text"]),
+                            mmap=True)  # (N, 3, T)
     splits[split] = Split(name=split, features=features, masks=masks, lengths=lengths,
                           labels=_load_npy(folder, "labels.npy", (n,), mmap=False),
-                          ids=_load_npy(folder, "ids.npy", (n,), mmap=False))
+                          ids=_load_npy(folder, "ids.npy", (n,), mmap=False),
+                          text_bert=text_bert)
   return Dataset(name=spec.name, task=spec.task, splits=splits,
                  feature_dims=dict(manifest["feature_dims"]), seq_lens=dict(manifest["seq_lens"]),
                  aligned=manifest["aligned"], nonfinite_counts=counts, source=spec.path)
@@ -367,6 +554,7 @@ def _build_cache(spec, fingerprint):
         "seq_lens": {m: train["shape"][m][1] for m in MODALITIES},
         "aligned": len({train["shape"][m][1] for m in MODALITIES}) == 1,
         "nonfinite_counts": counts,
+        "text_bert": {s: info[s].get("text_bert") is not None for s in SPLITS},
     }
     with open(os.path.join(tmp, _MANIFEST), "w") as f:
       json.dump(manifest, f, indent=1)
@@ -473,6 +661,7 @@ def _validate(data, spec):
         raise DataError(f"{path}: split '{split}' key 'text_bert' has shape {bert.shape}, "
                         f"expected {want} ([input_ids, attention_mask, segment_ids] over text's T)")
       entry["masks"]["text"] = bert[:, 1, :] != 0  # (N, L)
+      entry["text_bert"] = _token_rows(bert, path, split)  # (N, 3, L) int32
     for m in ("vision", "audio"):
       key = f"{m}_lengths"
       if spec.fmt == "mmsa" and key in d:
@@ -561,6 +750,22 @@ def _to_str(value):
   return str(value)
 
 
+def _token_rows(bert, path, split):
+  """MMSA `text_bert` (N, 3, L) [ids, mask, segment ids], stored as floats, as int32 rows."""
+  where = f"{path}: split '{split}' key 'text_bert'"
+  if bert.dtype.kind not in "fiub":
+    raise DataError(f"{where} has dtype {bert.dtype}, expected numeric token rows")
+  if not np.all(np.isfinite(bert)) or not np.all(bert == np.round(bert)):
+    raise DataError(f"{where} has non-integer values, expected token ids, a 0/1 mask and "
+                    f"segment ids: fix the file")
+  if bert.size and (bert.min() < 0 or bert[:, 0].max() >= 2**31):
+    raise DataError(f"{where} has values in [{bert.min():g}, {bert.max():g}], expected token ids "
+                    f">= 0: fix the file")
+  if not np.all((bert[:, 1] == 0) | (bert[:, 1] == 1)):
+    raise DataError(f"{where} has attention-mask values other than 0 and 1 (row 1): fix the file")
+  return bert.astype(np.int32)
+
+
 def _mask_from_lengths(raw, t, path, split, key):
   lengths = np.asarray(raw)
   if lengths.ndim == 2 and lengths.shape[1] == 1:
@@ -596,6 +801,8 @@ def _convert_split(d, entry, folder, spec, split):
     d[m] = None  # drop the pickle's array as soon as it is written
   np.save(os.path.join(folder, "labels.npy"), entry["labels"])
   np.save(os.path.join(folder, "ids.npy"), entry["ids"])
+  if entry.get("text_bert") is not None:
+    np.save(os.path.join(folder, "text_bert.npy"), entry["text_bert"])
   return counts
 
 
@@ -639,13 +846,18 @@ def _nonfinite_error(path, split, key, count):
 # ----------------------------------------------------------------------------- batch layout
 
 
-def split_arrays(split, task):
+def split_arrays(split, task, *, text_encoder="features"):
   """Host arrays of a split in the model's batch layout: {text, text_mask, vision, ...,
-  label} (labels int32 class ids for binary tasks, float32 otherwise)."""
+  label}, and `text_bert` (N, 3, T) int32 when the split has it (labels int32 class ids for
+  binary tasks, float32 otherwise). With `text_encoder="bert"` the `text` features, which the
+  model then does not read, are left out (MOSEI: 2.5 GB not copied to the device)."""
   arrays = {}
   for m in MODALITIES:
-    arrays[m] = split.features[m]
+    if not (m == "text" and text_encoder == "bert"):
+      arrays[m] = split.features[m]
     arrays[f"{m}_mask"] = split.masks[m]
+  if split.text_bert is not None:
+    arrays["text_bert"] = split.text_bert
   arrays["label"] = (split.labels.astype(np.int32) if task == "binary"
                      else split.labels.astype(np.float32))
   return arrays

@@ -104,7 +104,8 @@ def restore_params(config, workdir, which="best"):
   seeds = [int(s) for s in config.train.seeds]
   init_keys, _, _ = train_lib.seed_keys(seeds)
   sample = jax.tree.map(lambda a: a[:config.train.batch_size],
-                        data_lib.split_arrays(dataset.splits["train"], config.dataset.task))
+                        data_lib.split_arrays(dataset.splits["train"], config.dataset.task,
+                                              text_encoder=config.model.text_encoder))
   abstract = jax.eval_shape(
       jax.vmap(lambda k: steps.init_state(config, model, sample, k)), init_keys)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
@@ -125,7 +126,8 @@ def _predict(config, workdir, split, which):
   if split not in SPLITS:
     raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
   dataset, model, params, _ = restore_params(config, workdir, which)
-  arrays = data_lib.split_arrays(dataset.splits[split], config.dataset.task)
+  arrays = data_lib.split_arrays(dataset.splits[split], config.dataset.task,
+                                 text_encoder=config.model.text_encoder)
   predict = steps.make_predict(model, batch_size=config.train.eval_batch_size)
   preds = np.asarray(predict(params, jax.device_put(arrays)))
   return dataset, arrays["label"], preds

@@ -181,11 +181,14 @@ class ProgressBar:
 
 
 def summarize_seeds(per_seed):
-  """{metric: [value per seed]} -> {metric: {"mean", "std"}} (population std, as numpy)."""
+  """{metric: [value per seed]} -> {metric: {"mean", "std"}}: the sample standard deviation
+  over seeds (ddof=1, what papers report as mean ± std; NaN for a single seed, where there is no
+  spread to estimate). `dhmd_jax.stats` has intervals and paired tests."""
   out = {}
   for name, values in per_seed.items():
     arr = np.asarray([np.nan if v is None else v for v in values], np.float64)
-    out[name] = {"mean": float(np.mean(arr)), "std": float(np.std(arr))}
+    std = float(np.std(arr, ddof=1)) if arr.size > 1 else float("nan")
+    out[name] = {"mean": float(np.mean(arr)), "std": std}
   return out
 
 

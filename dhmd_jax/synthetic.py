@@ -14,6 +14,12 @@ files written here. They have every key, dtype and shape of the real layouts
   vision weakly and noisily (coef 0.35, large nuisance).
 * in ~15% of the samples ("hard" ones) text carries only noise and one of audio/vision (chosen at
   random) carries z with coef 1, so a model gains from the weaker modalities.
+* MMSA files also carry `text_bert` token rows [ids, mask, segment ids] whose words carry the
+  same text amplitude: 80% of the words come from a small sentiment lexicon (8 positive,
+  8 negative ids, fixed per seed), positive with probability sigmoid(2.5 a_text), the rest are
+  neutral ids, so a BERT trained from random weights can learn z from them (and, like the text
+  features, not for the hard samples). Ids follow bert-base-uncased: [CLS] 101 first, [SEP] 102
+  last, 0 padding, words below `text_vocab_size` (`--text-vocab-size` for a smaller BERT).
 * padding frames are exactly zero. MMSA files pad at the end; unaligned ones store the true
   lengths in `audio_lengths`/`vision_lengths` and the text length in the `text_bert` mask. MulT /
   MultiBench files left-pad the GloVe text (and, when aligned, the word-aligned audio/vision).
@@ -69,6 +75,10 @@ REAL_SPLIT_SIZES = {
 }
 
 HARD_FRACTION = 0.15  # samples whose text carries only noise
+BERT_VOCAB_SIZE = 30522  # bert-base-uncased
+_CLS, _SEP = 101, 102  # bert-base-uncased's [CLS] and [SEP]; 0 is [PAD]
+_LEXICON = 8  # sentiment word ids per polarity
+_SENTIMENT_WORDS = 0.8  # fraction of the words drawn from the lexicon
 # Per modality: coefficient of z, std of the per-sample nuisance amplitude, per-frame noise std.
 _COEF = {"text": 1.0, "vision": 0.35, "audio": 0.35}
 _NUISANCE = {"text": 0.25, "vision": 0.7, "audio": 0.7}
@@ -99,7 +109,8 @@ def write_synthetic(path: str, *, like: str, aligned: bool, layout: str = "mmsa"
                     num_train: int, num_valid: int, num_test: int, seed: int = 0,
                     nonfinite_fraction: float = 0.0,
                     dims: dict[str, int] | None = None,
-                    seq_lens: dict[str, int] | None = None) -> str:
+                    seq_lens: dict[str, int] | None = None,
+                    text_vocab_size: int = BERT_VOCAB_SIZE) -> str:
   """Writes a synthetic pickle to `path` (atomically) and returns `path`.
 
   Args:
@@ -114,6 +125,8 @@ def write_synthetic(path: str, *, like: str, aligned: bool, layout: str = "mmsa"
     dims: optional overrides of the feature dims, e.g. {"text": 8} (tiny files for tests).
     seq_lens: optional overrides of the sequence lengths T, e.g. {"audio": 12}; aligned files
       need equal lengths for all three.
+    text_vocab_size: size of the vocabulary of the `text_bert` ids (MMSA layout): that of the
+      BERT meant to read them (bert-base-uncased 30522; at least 128).
   """
   shapes = shapes_for(like, aligned, layout)
   for name, override, pos in (("dims", dims, 1), ("seq_lens", seq_lens, 0)):
@@ -132,13 +145,17 @@ def write_synthetic(path: str, *, like: str, aligned: bool, layout: str = "mmsa"
     raise ValueError(f"split sizes must be >= 1, got {sizes}")
   if not 0.0 <= nonfinite_fraction < 1.0:
     raise ValueError(f"nonfinite_fraction must be in [0, 1), got {nonfinite_fraction}")
+  if int(text_vocab_size) < 128:
+    raise ValueError(f"text_vocab_size must be >= 128 (ids {_CLS}/{_SEP} are [CLS]/[SEP] and "
+                     f"the words need ids above them), got {text_vocab_size}")
 
   directions = _directions(seed, shapes)
   data = {}
   for split_idx, (split, n) in enumerate(zip(SPLITS, sizes)):
     data[split] = _make_split(like=like, aligned=aligned, layout=layout, shapes=shapes, n=n,
                               seed=seed, split_idx=split_idx, directions=directions,
-                              nonfinite_fraction=nonfinite_fraction)
+                              nonfinite_fraction=nonfinite_fraction,
+                              text_vocab_size=int(text_vocab_size))
 
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -187,8 +204,32 @@ def _lengths(rng, n, t, minimum):
   return rng.integers(low, t + 1, size=n).astype(np.int64)  # (N,)
 
 
+def _token_ids(*, seed, split_idx, amplitude, text_len, t, vocab_size):
+  """(N, T) bert-base-uncased-style ids whose words carry `amplitude` (N,) (module docstring).
+
+  A separate random stream, so the features of a seed do not depend on the vocabulary.
+  """
+  first_word = 1000 if vocab_size > 2000 else _SEP + 1  # bert-base-uncased: words from 1000
+  words = np.arange(first_word, vocab_size)
+  lexicon = np.random.default_rng([seed, 2000]).choice(words, 2 * _LEXICON, replace=False)
+  positive, negative = lexicon[:_LEXICON], lexicon[_LEXICON:]
+  neutral = np.setdiff1d(words, lexicon)
+  rng = np.random.default_rng([seed, split_idx, 2001])
+  n = amplitude.shape[0]
+  p_positive = 1.0 / (1.0 + np.exp(-2.5 * amplitude))  # (N,)
+  sentiment = rng.random((n, t)) < _SENTIMENT_WORDS
+  is_positive = rng.random((n, t)) < p_positive[:, None]
+  ids = np.where(sentiment,
+                 np.where(is_positive, positive[rng.integers(0, _LEXICON, (n, t))],
+                          negative[rng.integers(0, _LEXICON, (n, t))]),
+                 neutral[rng.integers(0, len(neutral), (n, t))]).astype(np.int64)
+  ids[:, 0] = _CLS
+  ids[np.arange(n), text_len - 1] = _SEP
+  return ids * (np.arange(t)[None, :] < text_len[:, None])  # 0 = [PAD]
+
+
 def _make_split(*, like, aligned, layout, shapes, n, seed, split_idx, directions,
-                nonfinite_fraction):
+                nonfinite_fraction, text_vocab_size=BERT_VOCAB_SIZE):
   rng = np.random.default_rng([seed, split_idx])
   z = rng.standard_normal(n)  # (N,) latent sentiment
   hard = rng.random(n) < HARD_FRACTION
@@ -249,11 +290,10 @@ def _make_split(*, like, aligned, layout, shapes, n, seed, split_idx, directions
   clip = [i % 4 + 1 for i in range(n)]
 
   if layout == "mmsa":
-    token_ids = rng.integers(1000, 30000, size=(n, t_text)).astype(np.int64)
-    token_ids[:, 0] = 101  # [CLS]
-    token_ids[np.arange(n), text_len - 1] = 102  # [SEP]
+    token_ids = _token_ids(seed=seed, split_idx=split_idx, amplitude=amplitude["text"],
+                           text_len=text_len, t=t_text, vocab_size=text_vocab_size)  # (N, L)
     text_mask = masks["text"].astype(np.int64)
-    text_bert = np.stack([token_ids * text_mask, text_mask, np.zeros_like(text_mask)], axis=1)
+    text_bert = np.stack([token_ids, text_mask, np.zeros_like(text_mask)], axis=1)
     classes = np.sign(y).astype(np.int64) + 1  # 0 = Neg, 1 = Neu, 2 = Pos
     split = {
         "raw_text": raw_text,
@@ -324,6 +364,8 @@ def main(argv=None):
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--nonfinite-fraction", type=float, default=0.0,
                       help="fraction of real audio values set to -inf (loader tests)")
+  parser.add_argument("--text-vocab-size", type=int, default=BERT_VOCAB_SIZE,
+                      help="vocabulary of the text_bert ids (default: bert-base-uncased's 30522)")
   args = parser.parse_args(argv)
   aligned = args.aligned if args.aligned is not None else args.like != "sims"
   given = (args.num_train, args.num_valid, args.num_test)
@@ -332,7 +374,8 @@ def main(argv=None):
   try:
     write_synthetic(args.out, like=args.like, aligned=aligned, layout=args.layout,
                     num_train=sizes[0], num_valid=sizes[1], num_test=sizes[2], seed=args.seed,
-                    nonfinite_fraction=args.nonfinite_fraction)
+                    nonfinite_fraction=args.nonfinite_fraction,
+                    text_vocab_size=args.text_vocab_size)
   except ValueError as e:
     parser.error(str(e))
   print(_describe(args.out, like=args.like, aligned=aligned, layout=args.layout, sizes=sizes))

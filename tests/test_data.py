@@ -1,9 +1,15 @@
 """Tests of the data layer: every reader, masks, non-finite handling, the cache, every error."""
 
+import fcntl
 import importlib.util
 import os
 import pathlib
 import pickle
+import re
+import signal
+import subprocess
+import sys
+import threading
 
 import numpy as np
 import pytest
@@ -295,6 +301,229 @@ def test_damaged_cache(tmp_path):
   assert _load(path, rebuild_cache=True).splits["valid"].num_samples == 4
 
 
+
+# ----------------------------------------------------------------------------- read-only folders
+
+
+def _chmod_read_only(folder):
+  """chmod 0o555; True when that stops this process from writing there (not for root)."""
+  folder.chmod(0o555)
+  return not os.access(folder, os.W_OK)
+
+
+def _user_caches(home):
+  root = home / ".cache" / "dhmd_jax" / "features"
+  return sorted(os.listdir(root)) if root.is_dir() else []
+
+
+@pytest.fixture
+def home(tmp_path, monkeypatch):
+  """A fresh HOME, so the per-user cache folder is under tmp_path."""
+  folder = tmp_path / "home"
+  folder.mkdir()
+  monkeypatch.setenv("HOME", str(folder))
+  return folder
+
+
+def _read_only_data(tmp_path, monkeypatch):
+  """A tiny pickle in a folder this process cannot write: chmod 0o555, and where chmod does not
+  stop this process (root) the writability check answers what it answers for other users."""
+  folder = tmp_path / "shared"
+  folder.mkdir()
+  path, _ = _tiny(folder)
+  if not _chmod_read_only(folder):
+    real = data._writable
+    monkeypatch.setattr(data, "_writable",
+                        lambda f: False if os.path.abspath(f) == str(folder) else real(f))
+  return folder, path
+
+
+def test_read_only_data_folder_caches_per_user(tmp_path, monkeypatch, home, capsys):
+  folder, path = _read_only_data(tmp_path, monkeypatch)
+  try:
+    ds = _load(path)
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1, printed
+    (cache_name,) = _user_caches(home)
+    cache = home / ".cache" / "dhmd_jax" / "features" / cache_name
+    assert printed[0] == (f"data folder {folder} is not writable: the feature cache of x.pkl is "
+                          f"{cache} (set --config.dataset.cache_dir to choose another)")
+    assert cache_name.startswith("x.pkl-") and (cache / "manifest.json").is_file()
+    assert sorted(os.listdir(folder)) == ["x.pkl"]  # nothing written beside the pickle
+    with open(path, "rb") as f:
+      np.testing.assert_array_equal(ds.splits["train"].labels,
+                                    pickle.load(f)["train"]["regression_labels"])
+    mtime = (cache / "manifest.json").stat().st_mtime_ns
+    assert _load(path).splits["test"].num_samples == 3  # reused, not rebuilt
+    assert (cache / "manifest.json").stat().st_mtime_ns == mtime
+    assert len(capsys.readouterr().out.splitlines()) == 1
+    # The pickle changes (say, replaced by the data's owner): a new cache under a new key,
+    # and the old one, of the same path, is removed once the new one is complete.
+    folder.chmod(0o755)
+    _tiny(folder, seed=1)
+    folder.chmod(0o555)
+    new = _load(path).splits["train"].labels
+    (new_name,) = _user_caches(home)
+    assert new_name != cache_name and new_name.split("-")[:2] == cache_name.split("-")[:2]
+    with open(path, "rb") as f:
+      np.testing.assert_array_equal(new, pickle.load(f)["train"]["regression_labels"])
+  finally:
+    folder.chmod(0o755)
+
+
+def test_read_only_data_folder_by_chmod_alone(tmp_path, home):
+  folder = tmp_path / "shared"
+  folder.mkdir()
+  path, _ = _tiny(folder)
+  try:
+    if not _chmod_read_only(folder):
+      pytest.skip("chmod does not stop this process (root) from writing")
+    assert _load(path).splits["valid"].num_samples == 4
+    assert sorted(os.listdir(folder)) == ["x.pkl"] and len(_user_caches(home)) == 1
+  finally:
+    folder.chmod(0o755)
+
+
+def test_read_only_data_folder_uses_a_cache_built_there_before(tmp_path, monkeypatch, home,
+                                                                capsys):
+  folder = tmp_path / "shared"
+  folder.mkdir()
+  path, _ = _tiny(folder)
+  _load(path)  # built while the folder was writable
+  capsys.readouterr()
+  try:
+    if not _chmod_read_only(folder):
+      monkeypatch.setattr(data, "_writable", lambda f: False)
+    assert _load(path).splits["train"].num_samples == 6
+    assert capsys.readouterr().out == "" and _user_caches(home) == []
+  finally:
+    folder.chmod(0o755)
+
+
+def test_unwritable_cache_dir_is_one_line(tmp_path):
+  path, _ = _tiny(tmp_path)
+  blocker = tmp_path / "a_file"
+  blocker.write_text("not a folder")
+  cache = blocker / "cache"  # no process, root included, can create a folder under a file
+  with pytest.raises(DataError) as e:
+    _load(path, cache_dir=str(cache))
+  message = str(e.value)
+  assert "\n" not in message and message.startswith(f"cannot write the feature cache {cache}")
+  assert "set --config.dataset.cache_dir to a folder you can write" in message
+  assert sorted(os.listdir(tmp_path)) == ["a_file", "x.pkl"]
+
+
+def test_read_only_cache_dir_is_one_line(tmp_path):
+  path, _ = _tiny(tmp_path)
+  locked = tmp_path / "locked"
+  locked.mkdir()
+  try:
+    if not _chmod_read_only(locked):
+      pytest.skip("chmod does not stop this process (root) from writing")
+    with pytest.raises(DataError, match="cannot write the feature cache .*PermissionError"):
+      _load(path, cache_dir=str(locked / "cache"))
+  finally:
+    locked.chmod(0o755)
+
+
+def test_unwritable_user_cache_is_one_line(tmp_path, monkeypatch):
+  folder, path = _read_only_data(tmp_path, monkeypatch)
+  home = tmp_path / "home_file"
+  home.write_text("HOME is a file here")
+  monkeypatch.setenv("HOME", str(home))
+  try:
+    with pytest.raises(DataError, match=f"cannot write the feature cache {home}/.cache/"):
+      _load(path)
+  finally:
+    folder.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------- killed builds
+
+
+def _leftover_names(base):
+  return [f"{base}.tmp-ab12cd_9", f"{base}.old-0123abcd"]
+
+
+def test_leftovers_of_a_killed_build_are_removed_and_only_ours(tmp_path):
+  path, _ = _tiny(tmp_path)
+  _load(path)
+  ours = _leftover_names("x.pkl.cache")
+  not_ours = ["x.pkl.cache.tmp-mine", "y.pkl.cache.tmp-ab12cd_9", "x.pkl.cache.tmp-ab12cd_9x"]
+  for name in ours + not_ours:
+    (tmp_path / name).mkdir()
+    (tmp_path / name / "part.npy").write_bytes(b"half")
+  _load(path)  # a load with a valid cache cleans up too
+  assert sorted(os.listdir(tmp_path)) == sorted(["x.pkl", "x.pkl.cache"] + not_ours)
+
+
+def test_leftovers_stay_while_another_process_holds_the_lock(tmp_path):
+  path, _ = _tiny(tmp_path)
+  _load(path)
+  for name in _leftover_names("x.pkl.cache"):
+    (tmp_path / name).mkdir()
+  with open(path + ".cache.lock", "w") as lock:  # a build of the same cache in progress
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    _load(path)
+    assert all((tmp_path / n).is_dir() for n in _leftover_names("x.pkl.cache"))
+  _load(path)
+  assert sorted(os.listdir(tmp_path)) == ["x.pkl", "x.pkl.cache"]
+
+
+_KILLED_BUILD = """
+import os, signal, sys
+from configs import default
+from dhmd_jax import data
+real = data._convert_split
+def convert_then_die(d, entry, folder, spec, split):  # SIGKILL once two splits are written
+  counts = real(d, entry, folder, spec, split)
+  if split == "valid":
+    os.kill(os.getpid(), signal.SIGKILL)
+  return counts
+data._convert_split = convert_then_die
+config = default.get_config().dataset
+config.name, config.path = "mosi", sys.argv[1]
+data.load_dataset(config)
+"""
+
+
+def test_sigkill_during_a_build_then_the_next_load_cleans_up(tmp_path):
+  path, _ = _tiny(tmp_path)
+  proc = subprocess.run([sys.executable, "-c", _KILLED_BUILD, path], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == -signal.SIGKILL, proc.stderr
+  left = sorted(os.listdir(tmp_path))
+  assert len(left) == 3 and left[:2] == ["x.pkl", "x.pkl.cache.lock"], left
+  assert re.fullmatch(r"x\.pkl\.cache\.tmp-[a-z0-9_]{8}", left[2])
+  assert sorted(os.listdir(tmp_path / left[2])) == ["train", "valid"]
+  ds = _load(path)
+  assert ds.splits["test"].num_samples == 3
+  assert sorted(os.listdir(tmp_path)) == ["x.pkl", "x.pkl.cache"]
+
+
+def test_second_builder_waits_and_opens_the_first_ones_cache(tmp_path, monkeypatch):
+  path, _ = _tiny(tmp_path)
+  builds = []
+  real_build = data._build_cache
+  monkeypatch.setattr(data, "_build_cache",
+                      lambda spec, fp: builds.append(spec.cache_dir) or real_build(spec, fp))
+  results = []
+  with open(path + ".cache.lock", "w") as lock:  # the first builder, at work
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    second = threading.Thread(target=lambda: results.append(_load(path)))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive() and not os.path.exists(path + ".cache")  # waiting for the lock
+    other = str(tmp_path / "built_by_the_first.cache")
+    _load(path, cache_dir=other)
+    os.rename(other, path + ".cache")  # the first builder installs its cache
+    os.unlink(path + ".cache.lock")  # and releases the lock, as data._locked does
+  second.join(timeout=60)
+  assert not second.is_alive() and results[0].splits["train"].num_samples == 6
+  assert builds == [other]  # the second one did not build again
+  assert sorted(os.listdir(tmp_path)) == ["x.pkl", "x.pkl.cache"]
+
+
 # ----------------------------------------------------------------------------- synthetic
 
 
@@ -323,6 +552,33 @@ def test_binary_synthetic_uses_multibench_and_explicit_path(tmp_path):
   path, _ = _tiny(tmp_path, like="sims", aligned=False)
   config = _config(path, **{"synthetic.like": "sims", "synthetic.aligned": False})
   assert data.load_dataset(config).source == path  # no workdir needed
+
+
+
+@pytest.mark.parametrize("fields", [{"format": "multibench"},
+                                    {"synthetic.layout": "multibench"},
+                                    {"format": "multibench", "synthetic.layout": "multibench"}])
+def test_synthetic_data_honours_dataset_format(tmp_path, fields):
+  config = _config(**fields, **{"synthetic.like": "mosei", "synthetic.num_train": 4,
+                                "synthetic.num_valid": 2, "synthetic.num_test": 2})
+  ds = data.load_dataset(config, workdir=str(tmp_path))
+  assert ds.source.endswith("synthetic-mosei-aligned-multibench-0.pkl")
+  with open(ds.source, "rb") as f:
+    raw = pickle.load(f)
+  assert raw["train"]["labels"].shape == (4, 1, 1) and "regression_labels" not in raw["train"]
+  assert ds.feature_dims["text"] == 300  # MulT's GloVe text
+  config.path = ds.source  # the same file given by path is read in the same layout
+  assert data.load_dataset(config).splits["valid"].num_samples == 2
+
+
+def test_synthetic_layout_that_does_not_exist_is_one_line(tmp_path):
+  config = _config(format="multibench", **{"synthetic.like": "sims",
+                                           "synthetic.aligned": False})
+  with pytest.raises(DataError) as e:
+    data.load_dataset(config, workdir=str(tmp_path))
+  assert "\n" not in str(e.value) and "like='sims' has only the mmsa layout" in str(e.value)
+  assert "config.dataset.format='multibench'" in str(e.value)
+  assert not os.path.exists(tmp_path / "data")
 
 
 # ----------------------------------------------------------------------------- errors

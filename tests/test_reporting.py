@@ -101,5 +101,7 @@ def test_json_is_strict_and_markdown_names_both_binary_variants(tmp_path):
              "test_summary": reporting.summarize_seeds(test), "wall_time_s": 1.0}
   text = reporting.markdown_report(results)
   assert "Has0_acc_2" in text and "Non0_acc_2" in text
-  assert "| 1111 | 3 |" in text and "60.00 ± 10.00" in text
-  assert math.isclose(results["test_summary"]["MAE"]["std"], 0.1)
+  # Sample std over seeds (ddof=1): 0.5 and 0.7 -> 0.1414.
+  assert "| 1111 | 3 |" in text and "60.00 ± 14.14" in text
+  assert math.isclose(results["test_summary"]["MAE"]["std"], 0.1 * math.sqrt(2))
+  assert math.isnan(reporting.summarize_seeds({"MAE": [0.5]})["MAE"]["std"])

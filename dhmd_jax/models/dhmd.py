@@ -4,7 +4,9 @@ Forward pass (modality order everywhere (L, V, A); see `shared/reference/dmd-ref
 section 2 for the reference this follows layer for layer):
 
 1. dropout(text_dropout) on the text features; Conv1d C_m per modality (VALID, no bias)
-   -> X~_m (B, T'_m, d).
+   -> X~_m (B, T'_m, d). With `text_encoder="bert"` the text features are BERT's
+   last_hidden_state of the `text_bert` ids (`bert.py`), fine-tuned with the rest, as in the DMD
+   code (BertTextEncoder -> text dropout -> Conv1d).
 2. Feature decoupling (Eq. 1-3, `decoupling.py`): c_m = E^com(X~_m), s_m = E_m^prt(X~_m),
    recon_m = D_m([s_m, c_m]), s_r_m = E_m^prt(recon_m); margin features align_c_m(flatten c_m).
 3. Homogeneous branch: per-modality residual flatten-MLP heads on c_m (logits/repr for HoGD);
@@ -43,6 +45,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from dhmd_jax.data import DataError
+from dhmd_jax.models import bert_weights
+from dhmd_jax.models.bert import BertEncoder
+from dhmd_jax.models.bert import BertSettings
 from dhmd_jax.models.decoupling import FeatureDecoupling
 from dhmd_jax.models.decoupling import TemporalProjection
 from dhmd_jax.models.decoupling import conv_frame_mask
@@ -94,6 +100,8 @@ class ModelSettings:
   dm_detach_input: bool
   remat: bool = False
   stack_compute: str = "vmap"
+  text_encoder: str = "features"  # or "bert": text from BERT on `text_bert`
+  bert: Optional[BertSettings] = None  # with text_encoder="bert"
 
   @classmethod
   def from_config(cls, config, num_outputs: int) -> "ModelSettings":
@@ -109,15 +117,20 @@ class ModelSettings:
         attn_dropout_v=float(m.attn_dropout_v), relu_dropout=float(m.relu_dropout),
         res_dropout=float(m.res_dropout), output_dropout=float(m.output_dropout),
         causal_mask=bool(m.causal_mask),
-        attention_query_block=int(m.attention_query_block), key_padding_mask=bool(m.key_padding_mask),
+        attention_query_block=int(m.attention_query_block),
+        key_padding_mask=bool(m.key_padding_mask),
         homo_self_attention=bool(m.homo_self_attention), fusion=m.fusion,
         unused_reference_layers=bool(m.unused_reference_layers),
         gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
         gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
         dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
         dm_detach_input=bool(dm.detach_input), remat=bool(m.remat),
-        stack_compute=resolve_stack_compute(m.stack_compute, bool(m.remat)))
+        stack_compute=resolve_stack_compute(m.stack_compute, bool(m.remat)),
+        text_encoder=m.text_encoder)
     settings.validate()
+    if settings.text_encoder == "bert":  # reads and checks the checkpoint folder's headers
+      settings = dataclasses.replace(settings, bert=bert_weights.settings_from_config(
+          m.bert, pooler=settings.unused_reference_layers))
     return settings
 
   def validate(self):
@@ -142,6 +155,8 @@ class ModelSettings:
       bad("model.stack_compute", self.stack_compute, "'auto', 'vmap' or 'loop'")
     if min(self.conv_kernels) < 1:
       bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
+    if self.text_encoder not in ("features", "bert"):
+      bad("model.text_encoder", self.text_encoder, "'features' or 'bert'")
 
 
 def resolve_stack_compute(value: str, remat: bool = False) -> str:
@@ -153,15 +168,22 @@ def resolve_stack_compute(value: str, remat: bool = False) -> str:
   return value
 
 
-def _read_batch(batch: Mapping[str, Any], kernels):
-  """Returns the three (B, T, D) inputs and (B, T) bool masks (all True where absent)."""
+def _read_batch(batch: Mapping[str, Any], kernels, text=None, text_mask=None):
+  """Returns the three (B, T, D) inputs and (B, T) bool masks (all True where absent).
+
+  `text`, when given, is the text input (BERT's output) instead of batch['text'], and
+  `text_mask` the text mask used when the batch has none.
+  """
   inputs, masks = [], []
   batch_size = None
   for key, k in zip(BATCH_KEYS, kernels):
-    if key not in batch:
+    if key == "text" and text is not None:
+      x = text
+    elif key not in batch:
       raise KeyError(f"batch has no {key!r} entry (keys: {sorted(batch)}); the model needs "
                      f"'text', 'vision' and 'audio' arrays of shape (B, T, D).")
-    x = jnp.asarray(batch[key], jnp.float32)
+    else:
+      x = jnp.asarray(batch[key], jnp.float32)
     if x.ndim != 3:
       raise ValueError(f"batch[{key!r}] has shape {x.shape}; expected (B, T, D).")
     if batch_size is None:
@@ -173,6 +195,8 @@ def _read_batch(batch: Mapping[str, Any], kernels):
       raise ValueError(f"batch[{key!r}] has {x.shape[1]} frames, fewer than its Conv1d kernel "
                        f"{k} (config.model.conv_kernel.{key}); pad the sequences or lower it.")
     mask = batch.get(f"{key}_mask")  # optional input; not a config read
+    if mask is None and key == "text":
+      mask = text_mask
     if mask is None:
       mask = jnp.ones(x.shape[:2], bool)
     else:
@@ -220,7 +244,8 @@ class DHMD(nn.Module):
     """Runs the model.
 
     Args:
-      batch: dict with `text` (B, T_l, D_l), `vision` (B, T_v, D_v), `audio` (B, T_a, D_a) and
+      batch: dict with `text` (B, T_l, D_l) (or, with text_encoder="bert", `text_bert`
+        (B, 3, T_l) [ids, mask, segment ids]), `vision` (B, T_v, D_v), `audio` (B, T_a, D_a) and
         optional `text_mask`, `vision_mask`, `audio_mask` (B, T_m) bool; other keys are ignored.
       deterministic: disables dropout (then no 'dropout' RNG is needed).
 
@@ -230,7 +255,20 @@ class DHMD(nn.Module):
     s = self.settings
     d, o = s.d_model, s.num_outputs
     is_dhmd = s.arch == "dhmd"
-    inputs, masks = _read_batch(batch, s.conv_kernels)
+    text, text_mask = None, None
+    if s.text_encoder == "bert":
+      if "text_bert" not in batch:
+        raise DataError(
+            f"config.model.text_encoder='bert' needs 'text_bert' token ids (B, 3, T) in the "
+            f"batch, which has {sorted(batch)}: use an MMSA pickle (aligned_50.pkl / "
+            f"unaligned_50.pkl carry text_bert; MulT/MultiBench GloVe pickles do not) or "
+            f"--config.model.text_encoder=features")
+      # BertTextEncoder of the DMD code: last_hidden_state (B, T, H) of [ids, mask, segments].
+      # The pooler is built only for the parameter count (unused_reference_layers).
+      text, _ = BertEncoder(s.bert, name="bert")(batch["text_bert"],
+                                                 deterministic=deterministic)
+      text_mask = jnp.asarray(batch["text_bert"])[:, 1] > 0.5  # (B, T)
+    inputs, masks = _read_batch(batch, s.conv_kernels, text, text_mask)
 
     # ------------------------------------------------ 1. temporal Conv1d C_m
     text = nn.Dropout(s.text_dropout)(inputs[0], deterministic=deterministic)

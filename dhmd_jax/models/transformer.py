@@ -29,6 +29,10 @@ the layers under `lax.scan` (pure functions below `_layer_norm`; few, large oper
 by branch through `TransformerEncoder` (the per-branch Flax modules, layers unrolled). Both give
 the same numbers (`tests/test_stacked.py`).
 
+Attention maps for analysis are recorded only on request: applied with
+`mutable=["intermediates"]`, a stack sows every layer's attention weights (see
+`TransformerStack.__call__`); otherwise nothing is recorded.
+
 LayerNorms use PyTorch's epsilon 1e-5. Arrays are batch-major (B, T, E) here; the reference is
 time-major (T, B, E), which changes nothing in the maths.
 """
@@ -188,7 +192,8 @@ class MultiheadAttention(nn.Module):
     v = v.reshape(b, t_k, self.num_heads, head_dim)
     dropout = nn.Dropout(self.attn_dropout)
     visible = future_mask(t_q, t_k) if causal else None  # (T_q, T_k)
-    outs = []
+    record = self.is_mutable_collection("intermediates")  # analysis only (TransformerStack)
+    outs, recorded = [], []
     for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
       # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
       scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
@@ -205,9 +210,13 @@ class MultiheadAttention(nn.Module):
         # A row with no visible key: zero weights instead of a uniform average over masked
         # keys. (The causal mask alone always leaves key 0 visible.)
         weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
+      if record:
+        recorded.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, t_k - k_end))))
       weights = dropout(weights, deterministic=deterministic)
       outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+    if record:  # pre-dropout weights (B, h, T_q, T_k)
+      self.sow("intermediates", "attention_weights", jnp.concatenate(recorded, axis=2))
     return nn.Dense(e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros,
                     name="out_proj")(out.reshape(b, t_q, e))  # (B, T_q, E)
 
@@ -364,12 +373,13 @@ class _Static(NamedTuple):
   attn_dropout: bool  # some branch of the group has attention dropout and training is on
   relu_dropout: bool
   res_dropout: bool
+  record: bool = False  # also return the attention weights (analysis; see TransformerStack)
 
 
 def _attention(p, x, k_in, v_in, bias, key_mask, rate, keys, st: _Static):
   """Multi-head attention of one branch. x (B, T_q, E); k_in, v_in (B, T_k, E); bias (T_q, T_k)
   additive mask (0 visible, -1e30 hidden); key_mask (B, T_k) bool or None; keys: one dropout
-  key per query block."""
+  key per query block. With `st.record`, returns (output, pre-dropout weights (B, h, T_q, T_k))."""
   b, t_q, e = x.shape
   h = st.num_heads
   hd = e // h
@@ -384,7 +394,7 @@ def _attention(p, x, k_in, v_in, bias, key_mask, rate, keys, st: _Static):
   k = k + jax.lax.stop_gradient(wb[e:2 * e]).reshape(h, 1, hd)
   v = jnp.einsum("bte,ehc->bhtc", v_in, w[:, 2 * e:].reshape(e, h, hd))
   v = v + wb[2 * e:].reshape(h, 1, hd)
-  outs = []
+  outs, recorded = [], []
   for i, (q0, q1, k_end) in enumerate(st.blocks):
     scores = jnp.einsum("bhqc,bhkc->bhqk", q[:, :, q0:q1], k[:, :, :k_end])  # Eq. 10 QK^T/sqrt(d)
     scores = scores + bias[q0:q1, :k_end]
@@ -395,10 +405,13 @@ def _attention(p, x, k_in, v_in, bias, key_mask, rate, keys, st: _Static):
       # A row with no visible key: zero weights instead of a uniform average over masked keys.
       visible = jnp.logical_and(key_mask[:, None, None, :k_end], bias[q0:q1, :k_end] == 0)
       weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
+    if st.record:
+      recorded.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, k_in.shape[1] - k_end))))
     weights = _dropout(weights, rate, keys[i], st.attn_dropout)
     outs.append(jnp.einsum("bhqk,bhkc->bqhc", weights, v[:, :, :k_end]))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # (B, T_q, h, hd)
-  return out.reshape(b, t_q, e) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+  out = out.reshape(b, t_q, e) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
+  return (out, jnp.concatenate(recorded, axis=2)) if st.record else out
 
 
 _LAYER_SITES = 3  # dropout keys of a layer besides the attention's: res, relu, res
@@ -418,13 +431,16 @@ def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, keys, st: _Static)
     k_in, v_in = norm_0(k_src), norm_0(v_src)  # the same LayerNorm on q, k and v, as coded
   x = _attention(p["self_attn"], x, k_in, v_in, bias, key_mask, attn_rate,
                  keys[_LAYER_SITES:], st)
+  if st.record:
+    x, weights = x
   x = residual + _dropout(x, res_rate, keys[0], st.res_dropout)
   residual = x
   x = _layer_norm(x, p["layer_norm_1"]["scale"], p["layer_norm_1"]["bias"])
   x = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])  # (B, T_q, 4E)
   x = _dropout(x, relu_rate, keys[1], st.relu_dropout)
   x = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  return residual + _dropout(x, res_rate, keys[2], st.res_dropout)
+  x = residual + _dropout(x, res_rate, keys[2], st.res_dropout)
+  return (x, weights) if st.record else x
 
 
 def _stack_masks(lengths, t_q, t_k, causal):
@@ -537,7 +553,14 @@ class TransformerStack(nn.Module):
 
     Returns:
       G encoded query sequences (B, T_q[g], E) after the final LayerNorm (one array for one).
+
+    Attention maps (analysis, opt-in): when the caller applies the model with
+    `mutable=["intermediates"]`, the stack also sows, under "attention", a tuple of G arrays
+    (L, B, h, T_q[g], T_k[g]): every layer's attention weights before dropout, rows summing to
+    1 over the visible keys (a query row with no visible key is all 0). Otherwise nothing is
+    recorded and the computation is the same as without this feature.
     """
+    record = self.is_mutable_collection("intermediates")
     single = not isinstance(xs, (list, tuple))
     if single:
       xs = [xs]
@@ -570,6 +593,7 @@ class TransformerStack(nn.Module):
       raise ValueError(f"TransformerStack.compute must be 'vmap' or 'loop', got "
                        f"{self.compute!r}")
     outputs = [None] * g_all
+    attention = [None] * g_all
     if self.compute == "loop":
       # One branch at a time: split (not sliced) out of the stacked parameters, so the backward
       # pass joins the gradients with one concatenate instead of a pad + add per branch.
@@ -584,26 +608,43 @@ class TransformerStack(nn.Module):
             {"params": _per_branch_tree(lp, fn, self.num_layers)}, xs[g],
             srcs[g] if cross else None, key_mask=None if key_masks is None else key_masks[g],
             deterministic=deterministic,
-            rngs=None if key is None else {"dropout": jax.random.fold_in(key, g)})
+            rngs=None if key is None else {"dropout": jax.random.fold_in(key, g)},
+            mutable=["intermediates"] if record else False)
+        if record:
+          outputs[g], sown = outputs[g]
+          attention[g] = jnp.stack(
+              [sown["intermediates"][f"layers_{i}"]["self_attn"]["attention_weights"][0]
+               for i in range(self.num_layers)])  # (L, B, h, T_q, T_k)
+      if record:
+        self.sow("intermediates", "attention", tuple(attention))
       return outputs[0] if single else outputs
     for n, group in enumerate(plan_groups(lengths, self.slack)):
       if group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
         take = lambda tree, lo=group[0], hi=group[-1] + 1: jax.tree.map(lambda a: a[lo:hi], tree)
       else:
-        take = lambda tree, idx=np.asarray(group): jax.tree.map(lambda a: a[idx], tree)
+        idx = np.asarray(group)
+        take = lambda tree, idx=idx: jax.tree.map(lambda a: a[idx], tree)
       if len(group) == g_all:
         take = lambda tree: tree
       out = self._group(
           take(layer_params), take(final_norm), [xs[i] for i in group],
           [srcs[i] for i in group] if cross else None,
           None if key_masks is None else [key_masks[i] for i in group],
-          [rates[i] for i in group], None if key is None else jax.random.fold_in(key, n))
+          [rates[i] for i in group], None if key is None else jax.random.fold_in(key, n), record)
+      if record:
+        out, weights = out
+        for i, w in zip(group, weights):
+          attention[i] = w
       for i, o in zip(group, out):
         outputs[i] = o
+    if record:
+      self.sow("intermediates", "attention", tuple(attention))
     return outputs[0] if single else outputs
 
-  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key):
-    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation."""
+  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key,
+             record=False):
+    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation.
+    With `record`, also every branch's attention weights (L, B, h, T_q, T_k), padding cut off."""
     lengths = [(x.shape[1], (x if srcs is None else s).shape[1])
                for x, s in zip(xs, srcs or xs)]
     t_q = max(tq for tq, _ in lengths)
@@ -616,7 +657,7 @@ class TransformerStack(nn.Module):
         blocks=tuple(query_blocks(t_q, t_k, self.causal_mask, self.query_block, lengths)),
         attn_dropout=training and any(r > 0 for r in attn_rates),
         relu_dropout=training and self.relu_dropout > 0,
-        res_dropout=training and self.res_dropout > 0)
+        res_dropout=training and self.res_dropout > 0, record=record)
     embed_on = training and self.embed_dropout > 0
     x = jnp.stack([_pad_to(x, t_q) for x in xs])  # (G, B, T_q, E)
     src = None if srcs is None else jnp.stack([_pad_to(s, t_k) for s in srcs])  # (G, B, T_k, E)
@@ -647,14 +688,19 @@ class TransformerStack(nn.Module):
 
       def layer(h, xs_l):
         p_l, k_l = xs_l
-        return _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st), None
+        out = _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st)
+        return out if st.record else (out, None)  # (h, per-layer weights when recording)
 
       if self.remat:  # prevent_cse=False: inside scan, CSE cannot undo the recomputation
         layer = jax.checkpoint(layer, prevent_cse=False)
-      h, _ = jax.lax.scan(layer, h, (p, layer_keys))
-      return _layer_norm(h, norm["scale"], norm["bias"])
+      h, weights = jax.lax.scan(layer, h, (p, layer_keys))
+      return _layer_norm(h, norm["scale"], norm["bias"]), weights
 
     in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
-    out = jax.vmap(branch, in_axes=in_axes)(layer_params, final_norm, x, src, bias, kpm, rates,
-                                            keys)  # (G, B, T_q, E)
-    return [out[i, :, :tq] for i, (tq, _) in enumerate(lengths)]  # padded queries cut off
+    out, weights = jax.vmap(branch, in_axes=in_axes)(
+        layer_params, final_norm, x, src, bias, kpm, rates, keys)  # (G, B, T_q, E)
+    out = [out[i, :, :tq] for i, (tq, _) in enumerate(lengths)]  # padded queries cut off
+    if not record:
+      return out
+    # (G, L, B, h, T_q, T_k) -> per branch, its real query rows and keys.
+    return out, [weights[i, :, :, :, :tq, :tk] for i, (tq, tk) in enumerate(lengths)]
