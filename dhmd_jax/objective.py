@@ -43,13 +43,10 @@ def _decoupling_terms(config, outputs, labels):
     mar, stats = losses.adaptive_margin_loss(
         features=outputs["margin_features"], labels=labels.astype(jnp.float32),
         scale=config.loss.adaptive_margin_scale, with_stats=True)
-  elif config.loss.margin_mode == "paper":
+  else:  # "paper" (validation.py checks config values once, before any work)
     mar, stats = losses.triplet_margin_loss(
         features=outputs["margin_features"], classes=triplet_classes(config, labels),
         margin=config.loss.margin, with_stats=True)
-  else:
-    raise ValueError(f"config.loss.margin_mode must be 'code' or 'paper', "
-                     f"got {config.loss.margin_mode!r}")
   return rec, cyc, mar, ort, stats
 
 
@@ -81,14 +78,28 @@ def _ctr_term(config, outputs, labels, space):
       with_stats=True)
 
 
-def compute_objective(config, outputs, labels):
+# The Eq. 14 weights (fields of config.loss): they change no shape, so runs that differ only in
+# them can train side by side in one program, each run passing its own values (`weights`).
+LOSS_WEIGHTS = ("lambda_dec", "lambda_dtl", "lambda_dic", "gamma")
+
+
+def compute_objective(config, outputs, labels, weights=None):
   """Returns (total, terms): Eq. 14 and every named term, all scalars.
 
   Args:
     config: the full config.
     outputs: the model's output dict.
     labels: (B,) float32 regression labels or int32 classes.
+    weights: None (the config's loss weights), or {name: scalar} for some of `LOSS_WEIGHTS`
+      (traced values allowed: a sweep's per-run weights), replacing config.loss.<name>.
   """
+  lam = {name: getattr(config.loss, name) for name in LOSS_WEIGHTS}
+  if weights is not None:
+    unknown = sorted(set(weights) - set(LOSS_WEIGHTS))
+    if unknown:
+      raise ValueError(f"loss weights {unknown} are not Eq. 14 weights; choose from "
+                       f"{', '.join(LOSS_WEIGHTS)}")
+    lam.update(weights)
   kind = task_kind(config)
   aux = None
   if config.loss.task == "sum8":
@@ -96,8 +107,6 @@ def compute_objective(config, outputs, labels):
     if "logits_c" in outputs:
       heads.append(outputs["logits_c"][None])
     aux = jnp.concatenate(heads, axis=0) if heads else None  # (K, B, O)
-  elif config.loss.task != "final":
-    raise ValueError(f"config.loss.task must be 'sum8' or 'final', got {config.loss.task!r}")
   task = losses.task_loss(prediction=outputs["prediction"], labels=labels, aux_logits=aux,
                           kind=kind)
   rec, cyc, mar, ort, mar_stats = _decoupling_terms(config, outputs, labels)
@@ -108,8 +117,8 @@ def compute_objective(config, outputs, labels):
   terms = losses.total_loss(
       task=task, rec=rec, cyc=cyc, mar=mar, ort=ort, dtl_homo=dtl_homo, dtl_hetero=dtl_hetero,
       ctr_homo=ctr_homo, ctr_hetero=ctr_hetero,
-      lambda_dec=config.loss.lambda_dec, lambda_dtl=config.loss.lambda_dtl,
-      lambda_dic=config.loss.lambda_dic, gamma=config.loss.gamma)
+      lambda_dec=lam["lambda_dec"], lambda_dtl=lam["lambda_dtl"],
+      lambda_dic=lam["lambda_dic"], gamma=lam["gamma"])
   terms = dict(terms, **gd_homo_parts, **gd_hetero_parts)
   # How many triplets each triplet loss found in the batch, and how many still have a positive
   # hinge: a loss of 0 from an empty triplet set is not a solved one.

@@ -30,6 +30,8 @@ import optax
 
 from dhmd_jax import objective
 from dhmd_jax import parallel
+from dhmd_jax.models import bert_weights
+from dhmd_jax.models import dhmd as dhmd_model
 
 
 @flax.struct.dataclass
@@ -57,56 +59,85 @@ def init_state(config, model, sample_batch, key):
   init_key, dropout_key = jax.random.split(key)
   params = model.init({"params": init_key, "dropout": dropout_key}, sample_batch,
                       deterministic=False)["params"]
+  # Pretrained parts replace their random initialisation, the same weights for every seed (the
+  # reference loads bert-base-uncased in each run): BERT when config.model.text_encoder="bert".
+  if isinstance(model, dhmd_model.DHMD):  # (tests may stand another model in for DHMD)
+    params = bert_weights.load_pretrained(model.settings, params)
   opt_state = make_optimizer(config).init(ravel_pytree(params)[0])
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
 def make_train_step(config, model):
-  """Builds `train_step(state, batch, key) -> (state, metrics)` for one seed."""
+  """Builds `train_step(state, batch, key, loss_weights=None) -> (state, metrics)` for one seed.
+
+  `loss_weights`: None (the config's Eq. 14 weights) or {name: scalar} for names in
+  `objective.LOSS_WEIGHTS`, e.g. one run's values in a vmapped loss-weight sweep.
+  """
   tx = make_optimizer(config)
   clip = config.train.grad_clip_value
-  accumulate_mode = config.train.accumulate
-  if accumulate_mode not in ("vmap", "scan"):
-    raise ValueError(f"config.train.accumulate must be 'vmap' or 'scan', got {accumulate_mode!r}")
+  accumulate_mode = config.train.accumulate  # "vmap" or "scan"
 
-  def loss_fn(params, micro, key):
+  def loss_fn(params, micro, key, loss_weights=None):
     outputs = model.apply({"params": params}, micro, deterministic=False,
                           rngs={"dropout": key})
-    total, terms = objective.compute_objective(config, outputs, micro["label"])
+    total, terms = objective.compute_objective(config, outputs, micro["label"], loss_weights)
     terms = dict(terms, **{f"edge/{k}": v for k, v in objective.edge_summary(outputs).items()})
     return total, terms
 
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def add_and_clip(acc, grad):  # (P,) vectors
-    acc = acc + grad
-    return jnp.clip(acc, -clip, clip) if clip > 0 else acc
+  def add_and_clip(carry, grad):
+    """carry: (clipped running sum, raw sum, clipped-at-least-once mask), (P,) each."""
+    acc, raw, bit = carry
+    acc, raw = acc + grad, raw + grad
+    if clip > 0:
+      bit = bit | (jnp.abs(acc) > clip)
+      acc = jnp.clip(acc, -clip, clip)
+    return acc, raw, bit
 
-  def train_step(state, batch, key):
+  def train_step(state, batch, key, loss_weights=None):
     """batch: dict of (U, B, ...) arrays, U = update_epochs micro-batches."""
     num_micro = batch["label"].shape[0]
     keys = jax.random.split(key, num_micro)
     flat_params, unravel = ravel_pytree(state.params)  # (P,)
     zeros = jnp.zeros_like(flat_params)
+    start = (zeros, zeros, jnp.zeros(flat_params.shape, bool))
     flat_grad = lambda g: ravel_pytree(g)[0]
     if accumulate_mode == "vmap":
       # All micro-batch gradients at once (same parameters, as in the reference), then the
       # sequential clipped accumulation, which is cheap.
-      (_, terms), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0))(state.params, batch, keys)
+      (_, terms), grads = jax.vmap(grad_fn, in_axes=(None, 0, 0, None))(
+          state.params, batch, keys, loss_weights)
       grads = jax.vmap(flat_grad)(grads)  # (U, P)
-      grad_sum, _ = jax.lax.scan(lambda acc, g: (add_and_clip(acc, g), None), zeros, grads)
+      carry, _ = jax.lax.scan(lambda c, g: (add_and_clip(c, g), None), start, grads)
     else:
-      def body(acc, xs):
+      def body(c, xs):
         micro, k = xs
-        (_, t), g = grad_fn(state.params, micro, k)
-        return add_and_clip(acc, flat_grad(g)), t
-      grad_sum, terms = jax.lax.scan(body, zeros, (batch, keys))
+        (_, t), g = grad_fn(state.params, micro, k, loss_weights)
+        return add_and_clip(c, flat_grad(g)), t
+      carry, terms = jax.lax.scan(body, start, (batch, keys))
+    grad_sum, raw_sum, clipped = carry
     updates, opt_state = tx.update(grad_sum, state.opt_state, flat_params)
     params = jax.tree.map(jnp.add, state.params, unravel(updates))
     metrics = jax.tree.map(lambda t: jnp.mean(t, axis=0), terms)
+    metrics.update(step_statistics(raw_sum=raw_sum, clipped=clipped, updates=updates,
+                                   new_params=flat_params + updates))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
   return train_step
+
+
+def step_statistics(*, raw_sum, clipped, updates, new_params):
+  """What to look at first when training misbehaves, per optimizer step (all (P,) vectors):
+
+    l2_grads: norm of the step's summed micro-batch gradients before clipping;
+    clipped_fraction: fraction of parameters whose running sum hit the +-clip bound at least
+      once during the step (0 with clipping off);
+    l2_updates: norm of Adam's update; l2_params: norm of the parameters after it.
+  """
+  norm = lambda v: jnp.sqrt(jnp.sum(jnp.square(v)))
+  return {"l2_grads": norm(raw_sum), "clipped_fraction": jnp.mean(clipped.astype(jnp.float32)),
+          "l2_updates": norm(updates), "l2_params": norm(new_params)}
 
 
 def gather(data, index):
@@ -114,7 +145,7 @@ def gather(data, index):
   return jax.tree.map(lambda a: jnp.take(a, index, axis=0), data)
 
 
-def make_run_chunk(train_step, mesh=None):
+def make_run_chunk(train_step, mesh=None, *, loss_weights=False):
   """Jitted: scan `train_step` over K steps for all seeds at once.
 
   Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
@@ -124,16 +155,20 @@ def make_run_chunk(train_step, mesh=None):
     index: (S, K, U, B) int32 rows of `data` for every micro-batch.
     valid: (K,) bool, False for padding steps past the end of the epoch.
     dropout_keys: (S,) keys; step t of a seed uses fold_in(key, t), so resuming is exact.
+    loss_weights (only when made with `loss_weights=True`): {name: (S,) float32}, each run's
+      Eq. 14 weights (`objective.LOSS_WEIGHTS`): then the leading axis holds runs (a sweep's
+      value x seed), each with its own weights as it has its own dropout keys. They are an
+      input, not part of the TrainState, so checkpoints keep their structure.
   Returns (states, metrics) with metrics leaves of shape (S, K).
   With a `mesh`, each step's micro-batches (U, B, ...) are split over devices along B.
   """
 
-  def run_one_seed(state, active, data, index, valid, dropout_key):
+  def run_one_seed(state, active, data, index, valid, dropout_key, weights=None):
     def body(state, xs):
       step_index, ok = xs
       key = jax.random.fold_in(dropout_key, state.step)
       batch = parallel.constrain_batch(gather(data, step_index), mesh, batch_axis=1)
-      new_state, metrics = train_step(state, batch, key)
+      new_state, metrics = train_step(state, batch, key, *([] if weights is None else [weights]))
       keep = jnp.logical_and(ok, active)
       new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
       return new_state, metrics
@@ -142,7 +177,8 @@ def make_run_chunk(train_step, mesh=None):
   # Outputs replicated over the mesh, the layout the caller gives the inputs: a chunk's output
   # state is the next chunk's input, and any change of sharding would recompile the step.
   out_shardings = None if mesh is None else parallel.replicated(mesh)
-  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0)), donate_argnums=0,
+  in_axes = (0, 0, None, 0, None, 0) + ((0,) if loss_weights else ())
+  return jax.jit(jax.vmap(run_one_seed, in_axes=in_axes), donate_argnums=0,
                  out_shardings=out_shardings)
 
 

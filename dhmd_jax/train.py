@@ -36,10 +36,13 @@ import numpy as np
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
 from dhmd_jax import metrics as metrics_lib
+from dhmd_jax import objective
 from dhmd_jax import parallel
 from dhmd_jax import reporting
 from dhmd_jax import schedule
 from dhmd_jax import steps
+from dhmd_jax import validation
+from dhmd_jax.models import bert_weights
 from dhmd_jax.models import dhmd as dhmd_model
 
 # Config fields that may change between an interrupted run and its resumption.
@@ -62,8 +65,12 @@ def num_outputs(config):
 
 
 def build(config, dataset):
-  del dataset  # shapes come from the batches themselves
-  return dhmd_model.build_model(config, num_outputs=num_outputs(config))
+  """The model of `config` (shapes come from the batches themselves); with BERT, the dataset's
+  `text_bert` ids are checked against its vocabulary first (one line naming pickle and split)."""
+  model = dhmd_model.build_model(config, num_outputs=num_outputs(config))
+  if dataset is not None:
+    bert_weights.check_dataset(model.settings, dataset)
+  return model
 
 
 def enable_compilation_cache(directory):
@@ -81,8 +88,6 @@ def seed_keys(seeds, dropout_rng="threefry"):
   matters for the (B, h, T, T) attention-dropout masks of unaligned data, but its masks depend
   on how the batch is sharded).
   """
-  if dropout_rng not in ("threefry", "rbg"):
-    raise ValueError(f"config.train.dropout_rng must be 'threefry' or 'rbg', got {dropout_rng!r}")
   base = [jax.random.key(int(s)) for s in seeds]
   keys = [jnp.stack([jax.random.fold_in(k, i) for k in base]) for i in range(3)]
   if dropout_rng == "rbg":
@@ -140,18 +145,58 @@ def _check_resumable(workdir, stored, config):
         f"use a new --workdir, or the run's own config (its config.json) to resume")
 
 
+def sweep_runs(seeds, loss_weights=None):
+  """(seed per run, {name: (R,) float32} or None, name per run) of one compiled program.
+
+  Without `loss_weights` the runs are the seeds. With {name: V values} (names from
+  `objective.LOSS_WEIGHTS`, every name the same V), R = V x S runs, value-major: run r trains
+  seed seeds[r % S] with the weights of value r // S, starting, ordering its data and drawing its
+  dropout exactly as that seed alone would.
+  """
+  if not loss_weights:
+    return list(seeds), None, list(seeds)
+  unknown = [n for n in loss_weights if n not in objective.LOSS_WEIGHTS]
+  counts = {len(v) for v in loss_weights.values()}
+  if unknown or len(counts) != 1 or 0 in counts:
+    given = {k: list(v) for k, v in loss_weights.items()}
+    raise TrainingError(f"loss_weights must give the same number (>= 1) of values for names "
+                        f"among {', '.join(objective.LOSS_WEIGHTS)}; got {given}")
+  runs = [(v, s) for v in range(counts.pop()) for s in seeds]
+  weights = {n: np.asarray([float(values[v]) for v, _ in runs], np.float32)
+             for n, values in loss_weights.items()}
+  names = [f"{s}-" + ",".join(f"{n}={float(values[v]):g}" for n, values in loss_weights.items())
+           for v, s in runs]
+  return [s for _, s in runs], weights, names
+
+
+def _host_weights(run):
+  """A sweep's per-run loss weights as JSON lists (for the checkpoint and the report)."""
+  return {n: [float(x) for x in np.asarray(w)] for n, w in run.loss_weights.items()}
+
+
+def _check_same_sweep(run, stored):
+  """Resuming a sweep needs the checkpoint's per-run loss weights (None: not a sweep)."""
+  current = None if run.loss_weights is None else _host_weights(run)
+  if stored != current:
+    raise TrainingError(
+        f"{run.workdir} holds runs with loss weights {stored}, this command has {current}; "
+        f"use a new --workdir, or the same loss weights to resume")
+
+
 def _check_finite(metrics, valid, active, *, epoch, first_step, seeds, workdir):
-  """Raises TrainingError naming the epoch, step and loss term of the first non-finite loss."""
+  """Raises TrainingError naming the epoch, step and term of the first non-finite loss or
+  gradient norm."""
   names = [k for k in metrics if not k.startswith("edge/")]
-  ordered = [k for k in names if k != "total"] + ["total"]
-  total = metrics["total"]  # (S, K)
-  bad = ~np.isfinite(total) & valid[None, :] & active[:, None]
+  ordered = [k for k in names if k not in ("total", "l2_grads")] + ["total", "l2_grads"]
+  finite = np.isfinite(metrics["total"]) & np.isfinite(metrics["l2_grads"])  # (S, K)
+  bad = ~finite & valid[None, :] & active[:, None]
   if not bad.any():
     return
   s, k = np.argwhere(bad)[0]
   term = next(n for n in ordered if not np.isfinite(metrics[n][s, k]))
+  what = "gradient" if term == "l2_grads" else "loss"
   raise TrainingError(
-      f"non-finite loss at epoch {epoch}, step {first_step + k + 1} (seed {seeds[s]}): "
+      f"non-finite {what} at epoch {epoch}, step {first_step + k + 1} (seed {seeds[s]}): "
       f"term '{term}' = {metrics[term][s, k]}; the last good checkpoint in "
       f"{os.path.join(workdir, 'checkpoints')} is intact")
 
@@ -194,6 +239,8 @@ class _StopRequest:
   def _handle(self, signum, frame):
     del signum, frame
     if self.requested:
+      os.write(2, b"interrupted twice: exiting now; committed checkpoints are intact, rerun the "
+                  b"same command to resume\n")
       os._exit(130)  # pylint: disable=protected-access
     self.requested = True
 
@@ -230,6 +277,10 @@ class _Run:
   chunking: tuple  # (number of chunks, steps per chunk)
   run_chunk: Any
   predict: Any
+  # A loss-weight sweep (see `sweep_runs`): the vmapped axis holds runs (value x seed) instead of
+  # seeds; `seeds` then has one entry per run. None / the seeds when not sweeping.
+  loss_weights: Any = None  # {name: (R,) float32 on the device}, one value per run
+  run_names: list = None  # per run: the seed, or "<seed>-<name>=<value>,..."
 
   def place(self, tree):
     """Replicated over the mesh: the layout the compiled chunk gives and takes."""
@@ -245,16 +296,17 @@ class _Progress:
   epoch: int  # last completed epoch
 
 
-def _set_up(config, workdir):
+def _set_up(config, workdir, loss_weights=None):
   """Data, model and compiled functions of a run."""
   enable_compilation_cache(config.train.compilation_cache_dir)
   task = config.dataset.task
-  seeds = [int(s) for s in config.train.seeds]
+  seeds, run_weights, run_names = sweep_runs([int(s) for s in config.train.seeds], loss_weights)
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
   print(data_lib.summarize(dataset), flush=True)
 
   batch_size, micro = config.train.batch_size, config.train.update_epochs
-  host = {name: data_lib.split_arrays(dataset.splits[name], task)
+  host = {name: data_lib.split_arrays(dataset.splits[name], task,
+                                      text_encoder=config.model.text_encoder)
           for name in ("train", "valid", "test")}
   num_train = host["train"]["label"].shape[0]
   steps_per_epoch = (num_train // batch_size) // micro
@@ -282,8 +334,12 @@ def _set_up(config, workdir):
       mesh=mesh, model=model, keys=seed_keys(seeds, config.train.dropout_rng),
       steps_per_epoch=steps_per_epoch,
       chunking=_chunking(steps_per_epoch, config.train.steps_per_chunk),
-      run_chunk=steps.make_run_chunk(train_step, mesh),
-      predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh))
+      run_chunk=(steps.make_run_chunk(train_step, mesh) if run_weights is None else
+                 steps.make_run_chunk(train_step, mesh, loss_weights=True)),
+      predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh),
+      loss_weights=(None if run_weights is None else
+                    jax.device_put(run_weights, parallel.replicated(mesh))),
+      run_names=run_names)
 
 
 def _start_or_resume(run, ckpt):
@@ -299,7 +355,8 @@ def _start_or_resume(run, ckpt):
                        epoch=0)
   restored = ckpt.restore(
       state=states, best_params=best_params,
-      check_host=lambda _, host: _check_resumable(run.workdir, host["fingerprint"], config))
+      check_host=lambda _, host: (_check_resumable(run.workdir, host["fingerprint"], config),
+                                  _check_same_sweep(run, host.get("loss_weights"))))
   if restored is not None:
     epoch, arrays, host = restored
     progress = _Progress(states=arrays["state"], best_params=arrays["best_params"],
@@ -328,11 +385,12 @@ def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
     valid = np.arange(lo, lo + chunk) < run.steps_per_epoch
     if idx.shape[1] < chunk:  # the last chunk: pad with steps that are not applied
       idx = jnp.pad(idx, ((0, 0), (0, chunk - idx.shape[1]), (0, 0), (0, 0)))
+    sweep = [] if run.loss_weights is None else [run.loss_weights]  # per-run loss weights
     progress.states, metrics = run.run_chunk(progress.states, jnp.asarray(active),
                                              run.device["train"], idx, jnp.asarray(valid),
-                                             run.keys[2])
+                                             run.keys[2], *sweep)
     metrics = jax.device_get(metrics)
-    _check_finite(metrics, valid, active, epoch=epoch, first_step=lo, seeds=run.seeds,
+    _check_finite(metrics, valid, active, epoch=epoch, first_step=lo, seeds=run.run_names,
                   workdir=run.workdir)
     for name, value in metrics.items():
       sums[name] = sums.get(name, 0.0) + np.where(valid[None], value, 0.0).sum(axis=1)
@@ -376,6 +434,8 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
 def _save(run, progress, ckpt):
   host = {"fingerprint": config_fingerprint(run.config),
           "schedule": schedule.to_json(progress.sched), "seeds": run.seeds}
+  if run.loss_weights is not None:
+    host["loss_weights"] = _host_weights(run)
   ckpt.save(progress.epoch, state=progress.states, best_params=progress.best_params,
             host=json.loads(json.dumps(reporting._jsonable(host))))  # pylint: disable=protected-access
 
@@ -399,9 +459,12 @@ def _final_report(run, progress, start_time):
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
   }
+  if run.loss_weights is not None:  # a loss-weight sweep: each run's weights and name
+    results["loss_weights"] = _host_weights(run)
+    results["runs"] = run.run_names
   reporting.write_predictions(
       os.path.join(run.workdir, "predictions_test.csv"), run.dataset.splits["test"].ids,
-      run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.seeds)
+      run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.run_names)
   reporting.write_json(os.path.join(run.workdir, "results.json"), results)
   markdown = reporting.markdown_report(results)
   with open(os.path.join(run.workdir, "results.md"), "w") as f:
@@ -413,13 +476,19 @@ def _final_report(run, progress, start_time):
 # ----------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config, workdir):
+def train_and_evaluate(config, workdir, *, loss_weights=None):
   """Trains every seed, selects on validation, tests the selected models, writes the report.
 
   Returns the report dict (also in `<workdir>/results.json` and `results.md`). Rerunning with
   the same workdir resumes from its newest readable checkpoint.
+
+  `loss_weights` ({name: V values}, names from `objective.LOSS_WEIGHTS`) trains a loss-weight
+  sweep in this one program: V x S runs side by side (`sweep_runs`), each with the seed's init,
+  data order and dropout and its own weights; the report then has one entry per run and
+  `loss_weights`/`runs` naming them. config.json keeps the config's own values.
   """
   start_time = time.time()
+  validation.validate(config)
   created = prepare_workdir(workdir)
   stop = _StopRequest()
   committed = False
@@ -430,7 +499,7 @@ def train_and_evaluate(config, workdir):
       if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
         with open(config_path) as f:  # fail before loading anything
           _check_resumable(workdir, json.loads(json.dumps(flat_config(json.load(f)))), config)
-      run = _set_up(config, workdir)
+      run = _set_up(config, workdir, loss_weights)
       reporting.write_json(config_path, config.to_dict())
       ckpt = checkpoint.Checkpointer(workdir)
       resources.callback(ckpt.close)
@@ -438,7 +507,7 @@ def train_and_evaluate(config, workdir):
       committed = progress.epoch > 0
       log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
                                  resume_epoch=progress.epoch)
-      tb = reporting.TensorBoard(workdir, run.seeds, config.log.tensorboard)
+      tb = reporting.TensorBoard(workdir, run.run_names, config.log.tensorboard)
       resources.callback(tb.close)
       num_epochs = config.train.num_epochs
       bar = reporting.ProgressBar((num_epochs - progress.epoch) * run.steps_per_epoch,
@@ -455,7 +524,7 @@ def train_and_evaluate(config, workdir):
         record = _end_epoch(run, progress, epoch, train_means,
                             seconds=time.time() - epoch_start)
         log.write(record)
-        tb.write(epoch, _tensorboard_scalars(record, run.seeds))
+        tb.write(epoch, _tensorboard_scalars(record, run.run_names))
         bar.end_line()
         print(reporting.epoch_line(epoch, num_epochs, train_loss=train_means["total"],
                                    valid=record["valid"], test=record["test"],

@@ -15,6 +15,7 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 import pytest
 
+import fake_model
 from configs import tiny
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
@@ -39,7 +40,7 @@ def learning_config():
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory):  # the real model: its loss terms, GD edges and learning
   """One training run shared by several tests; it also records how often the step compiled."""
   workdir = str(tmp_path_factory.mktemp("run"))
   config = learning_config()
@@ -60,6 +61,7 @@ def trained(tmp_path_factory):
   return config, workdir, results, chunks
 
 
+@pytest.mark.slow
 def test_report_and_logs(trained):
   config, workdir, results, _ = trained
   seeds = list(config.train.seeds)
@@ -76,7 +78,8 @@ def test_report_and_logs(trained):
   records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["epoch"] for r in records] == [1, 2]
   for key in ("task", "rec", "cyc", "mar", "ort", "dtl_homo", "dtl_hetero", "ctr_homo",
-              "ctr_hetero", "total"):
+              "ctr_hetero", "total", "l2_grads", "l2_updates", "l2_params", "clipped_fraction",
+              "triplets/mar", "triplets_active/ctr_homo"):
     assert len(records[0]["train"][key]) == len(seeds), key
   # Mean GD edge weight of every directed edge of both units, each seed's six summing to 1.
   for space in ("homo", "hetero"):
@@ -92,6 +95,7 @@ def test_report_and_logs(trained):
   assert len(rows) - 1 == config.dataset.synthetic.num_test
 
 
+@pytest.mark.slow
 def test_evaluate_and_predict_match_training_report(trained):
   config, workdir, results, _ = trained
   evaluated = evaluate_lib.evaluate(config, workdir, split="test", which="best")
@@ -104,6 +108,7 @@ def test_evaluate_and_predict_match_training_report(trained):
   assert [r["id"] for r in rows] == list(dataset.splits["valid"].ids)
 
 
+@pytest.mark.slow
 def test_step_compiles_once(trained):
   """Two epochs of two 30-step chunks: the step was traced once and the chunk compiled once
   (a chunk's output state feeds the next chunk without a change of layout)."""
@@ -113,6 +118,7 @@ def test_step_compiles_once(trained):
   assert chunks[0]._cache_size() == 1  # pylint: disable=protected-access
 
 
+@pytest.mark.slow
 def test_model_learns_the_planted_signal(trained):
   """Test MAE far below that of predicting the training mean, and a strong correlation."""
   config, workdir, results, _ = trained
@@ -124,6 +130,7 @@ def test_model_learns_the_planted_signal(trained):
     assert corr > 0.7
 
 
+@pytest.mark.slow
 def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
   """G <- clip(G + g_k) for k = 1..U, then one Adam step; 'vmap' and 'scan' agree."""
   config = tiny.get_config()
@@ -152,12 +159,31 @@ def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
   updates, _ = steps.make_optimizer(config).update(total, state.opt_state, flat_params)
   expected = jax.tree.map(jnp.add, state.params, unravel(updates))
 
+  raw = sum(ravel_pytree(grad(state.params, jax.tree.map(lambda a: a[u], batch), keys[u]))[0]
+            for u in range(3))
+  partial, ever = jnp.zeros_like(flat_params), jnp.zeros(flat_params.shape, bool)
+  for u in range(3):
+    partial = partial + ravel_pytree(grad(state.params, jax.tree.map(lambda a: a[u], batch),
+                                          keys[u]))[0]
+    ever = ever | (jnp.abs(partial) > 0.01)
+    partial = jnp.clip(partial, -0.01, 0.01)
   for mode in ("vmap", "scan"):
     config.train.accumulate = mode
-    new_state, _ = jax.jit(steps.make_train_step(config, model))(state, batch, key)
+    new_state, metrics = jax.jit(steps.make_train_step(config, model))(state, batch, key)
     # atol 1e-5: an Adam step of a near-zero accumulated gradient is +-lr times a ratio that
     # rounding (vmapped vs looped micro-batches) moves by ~1e-6; a missed clip moves far more.
     chex.assert_trees_all_close(new_state.params, expected, atol=1e-5, rtol=1e-5)
+    # The step's statistics: norms of the raw gradient sum, the update and the new parameters,
+    # and the fraction of parameters whose running sum hit the bound.
+    np.testing.assert_allclose(metrics["l2_grads"], jnp.linalg.norm(raw), rtol=1e-4)
+    np.testing.assert_allclose(metrics["l2_updates"], jnp.linalg.norm(updates), rtol=1e-4)
+    np.testing.assert_allclose(metrics["l2_params"],
+                               jnp.linalg.norm(ravel_pytree(expected)[0]), rtol=1e-5)
+    np.testing.assert_allclose(metrics["clipped_fraction"], jnp.mean(ever), atol=2e-3)
+    assert 0.0 < float(metrics["clipped_fraction"]) < 1.0
+    for name in ("mar", "ctr_homo", "ctr_hetero"):
+      assert float(metrics[f"triplets/{name}"]) > 0
+      assert 0 <= float(metrics[f"triplets_active/{name}"]) <= float(metrics[f"triplets/{name}"])
   # Clipping once at the end would give another update: the bound really acts per micro-batch.
   once = jnp.clip(sum(ravel_pytree(grad(state.params, jax.tree.map(lambda a: a[u], batch),
                                         keys[u]))[0] for u in range(3)), -0.01, 0.01)
@@ -165,7 +191,8 @@ def test_accumulation_clips_running_sum_after_every_micro_batch(tmp_path):
 
 
 def test_non_finite_loss_stops_with_one_line_and_keeps_checkpoint(tmp_path, monkeypatch):
-  config = tiny.get_config()
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)  # any model overflows here
+  config = fake_model.fake_config()
   config.train.seeds = (1111,)
   config.train.num_epochs = 1
   workdir = str(tmp_path)

@@ -1,0 +1,694 @@
+"""Grids of runs: what table6, table7, table8 and sweep share.
+
+A grid is a list of `Run`s (each a config, trained in its own sub-workdir of the grid's workdir by
+`train.train_and_evaluate`, all seeds in one program) and the `Table`s built from their results.
+`run_grid`:
+
+1. refuses a workdir that holds another grid (`grid.json`: the kind and the config fingerprint)
+   or a sub-workdir whose run was planned differently (`run.json`), one line each;
+2. skips every run already finished (results.json present, its config.json equal to the config
+   the grid would run, and for a loss-weight sweep the same weights); the trainer resumes an
+   unfinished one from its checkpoint;
+3. prints one line per run with the grid's elapsed time and ETA; a run's own output goes to
+   `<run>/train.log`;
+4. writes `results.json` (every per-seed value, the runs, the table rows), `results.csv` and
+   `results.md` at the grid's root: per row and metric mean ± std over seeds, and for each row
+   against the table's reference row the paired difference over seeds with its 95% confidence
+   interval and p-value (`dhmd_jax.stats`), "n.s." where not significant at 0.05.
+
+Rows of a table are variants (table6/7/8) or swept values (sweep). A run gives one row, or, for a
+loss-weight sweep trained in one program (`Run.loss_weights`), one row per value: the trainer's
+runs are value-major (`train.sweep_runs`), so value i owns runs i*S .. i*S + S - 1, which pair
+with seed order of every other row.
+
+The command line (`parse_args`) takes `--config=FILE[:ARG]`, `--config.FIELD=VALUE` overrides
+(checked like `dhmd_jax.main`), `--workdir` and each command's own flags; any mistake is one line
+`error: ...` and exit status 2, a run that fails one line and status 1, Ctrl-C status 130. JAX
+and the trainer are imported only when a grid starts, so a mistake is answered at once.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import difflib
+import importlib.util
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import ml_collections
+from ml_collections import config_flags
+import numpy as np
+
+from configs import ablations
+from dhmd_jax import metrics as metrics_lib
+from dhmd_jax import reporting
+from dhmd_jax import stats
+
+GRID_FILE = "grid.json"
+RUN_FILE = "run.json"
+LOG_FILE = "train.log"
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__)))), "configs", "synthetic.py")
+
+# Metrics a table shows by default, per metric family (the paper's columns, plus MAE); every
+# metric of every run stays in results.json. `--metrics` picks others.
+TABLE_METRICS = {
+    "regression": ("Mult_acc_7", "Non0_acc_2", "Non0_F1_score", "Has0_acc_2", "MAE", "Corr"),
+    "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
+    "binary": ("Accuracy", "F1_score", "Precision", "Recall"),
+}
+# The one number a progress line shows per family.
+HEADLINE = {"regression": "Non0_acc_2", "sims": "Mult_acc_2", "binary": "Accuracy"}
+# Metrics reported raw; every other one is a fraction, shown in percent as in the paper.
+RAW_METRICS = ("MAE", "Corr")
+
+# Variants of the ablation tables: configs/ablations.py's, plus `ca`, the "w/o FD" column of
+# Table 7 (cross-modal attention without decoupling, no GD, no DM), which Table 6 has no row for.
+# variant -> (arch, use_fd, use_ca, use_gd, use_dm)
+VARIANTS = dict(ablations.VARIANTS, ca=("dhmd", False, True, False, False))
+
+
+class GridError(Exception):
+  """A grid that cannot go on; the message is one line (exit status 1)."""
+
+
+class UsageError(Exception):
+  """A mistake on the command line; the message is one line (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass
+class Run:
+  """One program to train, in `<grid workdir>/<name>`.
+
+  rows: the table rows it yields: one, or, with `loss_weights`, one per value.
+  overrides: {dotted field: value} that differ from the grid's base config (for the records).
+  loss_weights: None, or {name: V values} of a loss-weight sweep trained in this one program.
+  """
+  name: str
+  config: Any
+  rows: tuple
+  overrides: dict
+  loss_weights: Optional[dict] = None
+
+
+@dataclasses.dataclass
+class Table:
+  """One table of the report: `rows` (row names), compared with `reference` on `metrics`.
+
+  columns: {metric key: column header} for the Markdown (default: the keys themselves).
+  label: the header of the row names' column.
+  """
+  title: str
+  rows: list
+  reference: str
+  metrics: list
+  columns: Optional[dict] = None
+  note: str = ""
+  label: str = "variant"
+
+
+def variant_config(base, variant):
+  """A copy of `base` with the component switches of `variant` (see `VARIANTS`)."""
+  arch, use_fd, use_ca, use_gd, use_dm = VARIANTS[variant]
+  config = ml_collections.ConfigDict(base.to_dict())
+  config.model.arch = arch
+  config.model.use_fd = use_fd
+  config.model.use_ca = use_ca
+  config.model.use_gd = use_gd
+  config.model.use_dm = use_dm
+  return config
+
+
+def variant_overrides(variant):
+  arch, use_fd, use_ca, use_gd, use_dm = VARIANTS[variant]
+  return {"model.arch": arch, "model.use_fd": use_fd, "model.use_ca": use_ca,
+          "model.use_gd": use_gd, "model.use_dm": use_dm}
+
+
+def components(variant):
+  """"FD CA GD DM" marks of a variant, e.g. "FD+CA+GD" or "MulT+GD"."""
+  arch, *switches = VARIANTS[variant]
+  names = [n for n, on in zip(("FD", "CA", "GD", "DM"), switches) if on]
+  if arch == "mult":
+    names = ["MulT"] + [n for n in names if n not in ("FD", "CA")]
+  return "+".join(names) or "none"
+
+
+def pick_variants(text, default, reference):
+  """The variants of `--variants` (comma list; default `default`), checked; the reference must
+  be one of them."""
+  variants = [v.strip() for v in text.split(",") if v.strip()] if text else list(default)
+  unknown = [v for v in variants if v not in VARIANTS]
+  if unknown:
+    raise UsageError(f"unknown variant {unknown[0]!r} in --variants; choose from "
+                     f"{', '.join(VARIANTS)} (configs/ablations.py; 'ca' = CA only)")
+  if len(set(variants)) != len(variants):
+    raise UsageError(f"--variants names a variant twice: {text}")
+  if reference not in VARIANTS:
+    raise UsageError(f"unknown --reference {reference!r}; choose from {', '.join(VARIANTS)}")
+  if reference not in variants:
+    raise UsageError(f"the reference variant {reference!r} is not in --variants "
+                     f"({', '.join(variants)}); add it or pass --reference=<one of them>")
+  return variants
+
+
+def pick_metrics(text, family, default=None):
+  default = list(default or TABLE_METRICS[family])
+  if not text:
+    return default
+  metrics = [m.strip() for m in text.split(",") if m.strip()]
+  known = _family_metrics(family)
+  unknown = [m for m in metrics if m not in known]
+  if unknown:
+    raise UsageError(f"unknown metric {unknown[0]!r} in --metrics for {family} data; choose "
+                     f"from {', '.join(known)}")
+  return metrics
+
+
+def _family_metrics(family):
+  return list(reporting.HEADLINE[family])
+
+
+def metric_family(config):
+  return metrics_lib.metric_family(metrics_lib.metrics_dataset(config), config.dataset.task)
+
+
+# ----------------------------------------------------------------------------- records
+
+
+def _json_normal(value):
+  """As JSON stores it (tuples as lists)."""
+  return json.loads(json.dumps(value))
+
+
+def read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    return None
+  except (OSError, ValueError) as error:
+    raise GridError(f"cannot read {path} ({error}); the grid writes it and it should not be "
+                    f"edited: move the folder away to start it over") from None
+
+
+def write_json(path, data):
+  reporting.write_json(path, data)
+
+
+def _run_record(run):
+  """What run.json holds: how the grid planned the run (the grid's kind is in grid.json, so
+  a run may be moved between grids that plan it alike)."""
+  return _json_normal({"run": run.name, "rows": list(run.rows),
+                       "overrides": run.overrides,
+                       "loss_weights": None if run.loss_weights is None else
+                       {k: [float(v) for v in vals] for k, vals in run.loss_weights.items()}})
+
+
+def _expected_weights(run):
+  """The per-run loss weights a finished sweep's results.json holds (float32, value-major)."""
+  if run.loss_weights is None:
+    return None
+  from dhmd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  _, weights, _ = train_lib.sweep_runs([int(s) for s in run.config.train.seeds], run.loss_weights)
+  return {k: [float(x) for x in v] for k, v in weights.items()}
+
+
+def check_workdir(workdir, kind, base_config, runs):
+  """Refuses a workdir holding another grid or a differently planned run; returns the record
+  to write as grid.json."""
+  from dhmd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  record = {"grid": kind, "fingerprint": train_lib.config_fingerprint(base_config)}
+  stored = read_json(os.path.join(workdir, GRID_FILE))
+  if stored is not None:
+    if stored.get("grid") != kind:
+      raise GridError(f"{workdir} holds a {stored.get('grid')} grid, not {kind}: use another "
+                      f"--workdir")
+    conflicts = train_lib.config_conflicts(stored.get("fingerprint", {}), record["fingerprint"])
+    if conflicts:
+      field, old, new = conflicts[0]
+      more = f" (and {len(conflicts) - 1} more fields)" if len(conflicts) > 1 else ""
+      raise GridError(f"{workdir} holds a {kind} grid of another config: {field}={old!r} there, "
+                      f"{new!r} here{more}; use another --workdir, or the same config")
+  elif os.path.exists(os.path.join(workdir, "config.json")):
+    raise GridError(f"{workdir} holds a training run (config.json), not a grid: use another "
+                    f"--workdir")
+  for run in runs:
+    stored_run = read_json(os.path.join(workdir, run.name, RUN_FILE))
+    if stored_run is not None and stored_run != _run_record(run):
+      raise GridError(f"{os.path.join(workdir, run.name)} holds a run planned as "
+                      f"{_describe_run(stored_run)}, this grid plans "
+                      f"{_describe_run(_run_record(run))}; use another --workdir, or the same "
+                      f"plan")
+  return record
+
+
+def _describe_run(record):
+  if record.get("loss_weights"):
+    return ", ".join(f"{k}={v}" for k, v in record["loss_weights"].items())
+  return ", ".join(f"{k}={v}" for k, v in record.get("overrides", {}).items()) or "the base config"
+
+
+def finished(workdir, run):
+  """The run's results.json when it is finished with the config the grid would run, else None."""
+  results = read_json(os.path.join(workdir, "results.json"))
+  if results is None:
+    return None
+  stored = read_json(os.path.join(workdir, "config.json"))
+  if stored != _json_normal(run.config.to_dict()):
+    return None
+  if results.get("loss_weights") != _expected_weights(run):
+    return None
+  return results
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _format_time(seconds):
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(seconds))
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _scale(metric):
+  return 1.0 if metric in RAW_METRICS else 100.0
+
+
+def _headline(results, family, split):
+  name = HEADLINE[family]
+  values = results.get(split, {}).get(name)
+  if not values:
+    return ""
+  s = stats.summarize([np.nan if v is None else _scale(name) * v for v in values])
+  return f"{split} {name} {s.mean:.2f} ± {s.std:.2f}" if s.n > 1 else f"{split} {name} {s.mean:.2f}"
+
+
+def _train(run, workdir):  # the one call that trains: tests count it
+  """Trains (or resumes) one run, its output appended to <workdir>/train.log."""
+  from dhmd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, LOG_FILE), "a") as log, \
+      contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+    if run.loss_weights is None:
+      return train_lib.train_and_evaluate(run.config, workdir)
+    return train_lib.train_and_evaluate(run.config, workdir, loss_weights=run.loss_weights)
+
+
+def reuse_runs(workdir, runs, sources):
+  """Copies into `workdir` the runs it lacks that another grid's workdir holds finished, with
+  the same config and plan (e.g. table7's variants after table6); returns {run name: source}."""
+  copied = {}
+  for run in runs:
+    target = os.path.join(workdir, run.name)
+    if os.path.exists(target):
+      continue
+    for source in sources:
+      candidate = os.path.join(source, run.name)
+      if os.path.abspath(candidate) == os.path.abspath(target):
+        continue
+      plan = read_json(os.path.join(candidate, RUN_FILE))
+      if finished(candidate, run) is not None and plan in (None, _run_record(run)):
+        shutil.copytree(candidate, target)
+        copied[run.name] = source
+        break
+  return copied
+
+
+def _train_named(run, run_dir):
+  """_train, its one-line errors naming the run and its log."""
+  # pylint: disable=g-import-not-at-top
+  from dhmd_jax import checkpoint
+  from dhmd_jax import data as data_lib
+  from dhmd_jax import train as train_lib
+  try:
+    return _train(run, run_dir)
+  except (train_lib.TrainingError, data_lib.DataError, checkpoint.CheckpointError) as error:
+    raise GridError(f"run {run.name}: {error} (its log: {os.path.join(run_dir, LOG_FILE)})"
+                    ) from None
+
+
+def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=(), out=None):
+  """Trains the runs not finished yet; returns {run name: (results, status, seconds)}.
+
+  after_run(run, run_workdir, results) -> str: extra work on a run's results (table7's head
+  metrics): what it did ("" when nothing was needed), counted in the run's time.
+  reuse: other grids' workdirs whose finished runs are copied instead of trained again.
+  """
+  out = out or sys.stdout
+  record = check_workdir(workdir, kind, base_config, runs)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as error:
+    raise GridError(f"cannot create the workdir {workdir} ({error.strerror or error}); choose "
+                    f"a writable --workdir") from None
+  write_json(os.path.join(workdir, GRID_FILE), record)
+  copied = reuse_runs(workdir, runs, reuse)
+  family = metric_family(base_config)
+  todo = [run for run in runs if finished(os.path.join(workdir, run.name), run) is None]
+  seeds = len(base_config.train.seeds)
+  print(f"{kind}: {len(runs)} runs ({len(todo)} to train, {seeds} seeds each) in {workdir}; "
+        f"each run's log: {os.path.join(workdir, '<run>', LOG_FILE)}", file=out, flush=True)
+  start = time.time()
+  # ETA: seconds per table row of the runs trained so far, times the rows still to train (a
+  # loss-weight sweep's one program trains all its values' rows).
+  outcome, per_row, left = {}, [], sum(len(run.rows) for run in todo)
+  for i, run in enumerate(runs, 1):
+    run_dir = os.path.join(workdir, run.name)
+    t0 = time.time()
+    results = finished(run_dir, run)
+    trained = results is None
+    if trained:
+      _write_json_dir(run_dir, RUN_FILE, _run_record(run))
+      results = _train_named(run, run_dir)
+      left -= len(run.rows)
+    extra = after_run is not None and after_run(run, run_dir, results)
+    seconds = time.time() - t0
+    if trained:
+      per_row.append(seconds / len(run.rows))
+      status = f"trained in {_format_time(seconds)}"
+    else:
+      status = (f"copied from {copied[run.name]} (finished there)" if run.name in copied else
+                "finished earlier, skipped") + (
+          f" (then {extra} in {_format_time(seconds)})" if extra else "")
+    outcome[run.name] = (results, "trained" if trained else "skipped", seconds)
+    eta = np.mean(per_row) * left if per_row else (0.0 if not left else None)
+    what = (_headline(results, family, "test") if len(run.rows) == 1 else
+            f"{len(run.rows)} values x {seeds} seeds in one program")
+    print(f"[{i}/{len(runs)}] {run.name}: {status}" + (f" | {what}" if what else "")
+          + f" | grid {_format_time(time.time() - start)}, ETA {_format_time(eta)}",
+          file=out, flush=True)
+  return outcome
+
+
+def _write_json_dir(folder, name, data):
+  os.makedirs(folder, exist_ok=True)
+  write_json(os.path.join(folder, name), data)
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def row_values(run, results, split):
+  """{row: {metric: [per-seed values]}} of one run's results (a sweep run: one row per value)."""
+  per_run = results[split]
+  if run.loss_weights is None:
+    return {run.rows[0]: {k: list(v) for k, v in per_run.items()}}
+  seeds = len(run.config.train.seeds)
+  rows = {}
+  for i, row in enumerate(run.rows):
+    part = slice(i * seeds, (i + 1) * seeds)
+    for name, values in run.loss_weights.items():  # value-major, as train.sweep_runs lays out
+      held = set(results["loss_weights"][name][part])
+      if held != {float(np.float32(values[i]))}:
+        raise GridError(f"results of {run.name} hold {name}={sorted(held)} where the grid "
+                        f"expects {values[i]}; move the folder away to train it again")
+    rows[row] = {k: list(v[part]) for k, v in per_run.items()}
+  return rows
+
+
+def _nan(values):
+  return [np.nan if v is None else float(v) for v in values]
+
+
+def table_rows(table, per_seed, *, lower_is_better=None):
+  """stats.comparison_rows for one Table (values scaled to percent where they are fractions)."""
+  data = {row: {m: [_scale(m.split(" ")[-1]) * v for v in _nan(per_seed[row][m])]
+                for m in table.metrics} for row in table.rows}
+  lower = set(stats.LOWER_IS_BETTER) | set(lower_is_better or ())
+  decimals = {m: 4 if m.split(" ")[-1] in RAW_METRICS else 2 for m in table.metrics}
+  return stats.comparison_rows(data, table.reference, metrics=table.metrics,
+                               lower_is_better=lower, decimals=decimals)
+
+
+def write_report(workdir, *, kind, base_config, runs, tables, outcome, per_seed, split,
+                 legend="", lower_is_better=None, start_time=None, extra=None):
+  """results.json, results.csv and results.md at the grid's root; returns the Markdown."""
+  all_rows, blocks = [], []
+  for table in tables:
+    rows = table_rows(table, per_seed, lower_is_better=lower_is_better)
+    all_rows.extend(rows)
+    shown = [dict(r, metric=(table.columns or {}).get(r["metric"], r["metric"])) for r in rows]
+    blocks.append((table, rows, stats.markdown_table(shown, layout="wide",
+                                                     reference=table.reference,
+                                                     label=table.label)))
+  synthetic = base_config.dataset.name == "synthetic"
+  seeds = [int(s) for s in base_config.train.seeds]
+  trained = sum(1 for _, status, _ in outcome.values() if status == "trained")
+  wall = time.time() - start_time if start_time else None
+  title = f"# {kind}: {base_config.dataset.name}" + (
+      f" (synthetic data shaped like {base_config.dataset.synthetic.like}: the numbers show "
+      f"the pipeline, not the paper's datasets)" if synthetic else "")
+  lines = [title, "",
+           f"{split} split, the model of each seed selected on validation; seeds "
+           f"{', '.join(map(str, seeds))} (n = {len(seeds)}), at most "
+           f"{base_config.train.num_epochs} epoch(s). Accuracies and F1 in %, MAE and Corr raw. "
+           f"Each cell: mean ± std over seeds, and below the reference row the paired "
+           f"difference from it (see under each table).", ""]
+  if legend:
+    lines += [legend, ""]
+  for table, _, markdown in blocks:
+    lines += [f"## {table.title}", ""]
+    if table.note:
+      lines += [table.note, ""]
+    lines += [markdown.rstrip("\n"), ""]
+  lines.append(f"Runs: {len(runs)} ({trained} trained by this command, "
+               f"{len(runs) - trained} finished earlier)"
+               + (f"; this command's wall time {_format_time(wall)}." if wall else "."))
+  markdown = "\n".join(lines) + "\n"
+  report = {
+      "grid": kind, "dataset": base_config.dataset.name, "synthetic": synthetic, "split": split,
+      "seeds": seeds, "reference": {t.title: t.reference for t in tables},
+      "runs": [{"name": r.name, "workdir": r.name, "rows": list(r.rows),
+                "overrides": r.overrides, "loss_weights": r.loss_weights,
+                "status": outcome[r.name][1], "seconds": outcome[r.name][2]} for r in runs],
+      "tables": [{"title": t.title, "reference": t.reference, "metrics": t.metrics,
+                  "rows": rows} for t, rows, _ in blocks],
+      "per_seed": per_seed, "wall_time_s": wall, **(extra or {}),
+  }
+  write_json(os.path.join(workdir, RESULTS_JSON), report)
+  stats.write_csv(all_rows, os.path.join(workdir, "results.csv"))
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(markdown)
+  return markdown
+
+
+RESULTS_JSON = "results.json"
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+class _Parser(argparse.ArgumentParser):
+  def error(self, message):
+    raise UsageError(message)
+
+
+def parser(prog, description):
+  """The flags every grid command has; commands add their own."""
+  p = _Parser(prog=prog, description=description, add_help=True, allow_abbrev=False)
+  p.add_argument("--config", default=DEFAULT_CONFIG,
+                 help="Dataset config FILE[:ARG] (configs/*.py); --config.FIELD=VALUE overrides "
+                      "a field (configs/default.py documents them). Default configs/synthetic.py.")
+  p.add_argument("--workdir", default="", help="The grid's folder (default runs/<command>).")
+  p.add_argument("--split", default="test", choices=("test", "valid"),
+                 help="Split of the tables (the model is always selected on valid).")
+  p.add_argument("--metrics", default="", help="Comma list of metrics for the tables.")
+  p.add_argument("--reuse", default="",
+                 help="Comma list of other grids' workdirs: a run this grid plans alike that "
+                      "finished there is copied instead of trained again.")
+  return p
+
+
+def reuse_dirs(args):
+  dirs = [d.strip() for d in args.reuse.split(",") if d.strip()]
+  missing = [d for d in dirs if not os.path.isdir(d)]
+  if missing:
+    raise UsageError(f"--reuse: {missing[0]} is not a folder (give grid workdirs, e.g. "
+                     f"--reuse=runs/table6)")
+  return dirs
+
+
+def parse_args(p, argv):
+  """(argparse namespace, config): the command's flags and the config with its overrides."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  overrides, rest = [], []
+  for arg in argv:
+    if arg.startswith("--config.") or arg.startswith("--noconfig."):
+      overrides.append(arg)
+    else:
+      rest.append(arg)
+  args = p.parse_args(rest)
+  config = load_config(args.config, overrides)
+  for flag in ("workdir",):
+    value = getattr(args, flag)
+    if value.startswith("-"):
+      raise UsageError(f"--{flag} needs a value (--{flag}=...), got {value!r}")
+  return args, config
+
+
+def load_config(config_arg, overrides):
+  """The config `--config=FILE[:ARG]` names, with `--config.FIELD=VALUE` overrides applied."""
+  path, colon, arg = config_arg.partition(":")
+  if not os.path.isfile(path):
+    raise UsageError(f"config file {path} does not exist: pass --config=configs/<name>.py "
+                     f"(mosei.py, mosi.py, sims.py, urfunny.py, mustard.py, synthetic.py, tiny.py, "
+                     f"ablations.py:<dataset>,<variant>)")
+  try:
+    spec = importlib.util.spec_from_file_location("dhmd_jax_grid_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*([arg] if colon else []))
+  except Exception as error:  # pylint: disable=broad-except  (any failure: it does not load)
+    raise UsageError(f"config file {config_arg} does not load ({type(error).__name__}: "
+                     f"{_first_line(error)})") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise UsageError(f"config file {path}: get_config() returned a {type(config).__name__}, "
+                     f"expected an ml_collections.ConfigDict")
+  fields = _fields(config)
+  for arg_text in overrides:
+    name = arg_text.split("=", 1)[0].split(".", 1)[1]
+    if name not in fields:
+      close = difflib.get_close_matches(name, list(fields), n=1)
+      hint = f"did you mean {close[0]}?" if close else "configs/default.py declares every field"
+      raise UsageError(f"unknown config field {name}; {hint}")
+  if overrides:
+    from absl import flags  # pylint: disable=g-import-not-at-top
+    values = flags.FlagValues()
+    argv = ["grid"] + overrides
+    try:
+      config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True,
+                                      sys_argv=argv)
+      values(argv)
+    except (flags.Error, AttributeError, TypeError, ValueError) as error:
+      raise UsageError(f"bad config override: {_first_line(error)}") from None
+    for arg_text in overrides:
+      name = arg_text.split("=", 1)[0].split(".", 1)[1]
+      before, after = fields[name], _fields(config)[name]
+      if isinstance(before, tuple) and before and isinstance(after, tuple):
+        kinds = {type(v) for v in before}
+        if not all(type(v) in kinds or (float in kinds and type(v) is int) for v in after):
+          raise UsageError(f"bad value for --config.{name}: {after!r} is not a tuple of "
+                           f"{'/'.join(sorted(k.__name__ for k in kinds))} (now {before!r})")
+  return config
+
+
+def _fields(config, prefix=""):
+  out = {}
+  for key, value in config.items():
+    out[prefix + key] = value
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(_fields(value, prefix + key + "."))
+  return out
+
+
+def _first_line(error):
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
+
+
+def validate(config, where):
+  """The trainer's config check, before any run starts (one line naming the run)."""
+  from dhmd_jax import validation  # pylint: disable=g-import-not-at-top
+  try:
+    validation.validate(config)
+  except validation.ConfigError as error:
+    raise UsageError(f"{where}: {error}") from None
+
+
+def cli(main_fn: Callable[[Optional[list]], str], argv=None):
+  """Runs `main_fn(argv)` (which returns the report's Markdown) with one-line errors."""
+  # pylint: disable=g-import-not-at-top
+  try:
+    markdown = main_fn(argv)
+  except UsageError as error:
+    return _stop(f"error: {error}", 2)
+  except GridError as error:
+    return _stop(f"error: {error}", 1)
+  except KeyboardInterrupt:
+    return _stop("interrupted; rerun the same command to resume", 130)
+  except Exception as error:  # the trainer's one-line errors
+    from dhmd_jax import checkpoint
+    from dhmd_jax import data as data_lib
+    from dhmd_jax import train as train_lib
+    if isinstance(error, train_lib.Interrupted):
+      return _stop(f"{error}", 130)
+    if isinstance(error, (train_lib.TrainingError, data_lib.DataError,
+                          checkpoint.CheckpointError)):
+      return _stop(f"error: {error}", 1)
+    raise
+  print(markdown, flush=True)
+  return 0
+
+
+def _stop(line, status):
+  print(line, file=sys.stderr, flush=True)
+  return status
+
+
+# ----------------------------------------------------------------------------- variant grids
+
+
+def collect(runs, outcome, split):
+  """{row: {metric: [per-seed values]}} of every run's results."""
+  per_seed = {}
+  for run in runs:
+    per_seed.update(row_values(run, outcome[run.name][0], split))
+  return per_seed
+
+
+def legend(variants):
+  """Markdown: which components each variant has."""
+  lines = ["| variant | components | FD | CA | GD | DM |", "|---|---|---|---|---|---|"]
+  for v in variants:
+    arch, *switches = VARIANTS[v]
+    marks = ["✓" if on and not (arch == "mult" and n == "FD") else "✗"
+             for n, on in zip(("FD", "CA", "GD", "DM"), switches)]
+    lines.append(f"| {v} | {components(v)} | " + " | ".join(marks) + " |")
+  return "\n".join(lines)
+
+
+def variant_runs(base, variants):
+  return [Run(name=v, config=variant_config(base, v), rows=(v,), overrides=variant_overrides(v))
+          for v in variants]
+
+
+def add_variant_flags(p, default_variants, reference):
+  p.add_argument("--variants", default="",
+                 help=f"Comma list of variants (default {','.join(default_variants)}); any of "
+                      f"{', '.join(VARIANTS)}.")
+  p.add_argument("--reference", default=reference,
+                 help=f"The row the others are compared with (default {reference}).")
+
+
+def variant_grid(kind, argv, *, default_variants, reference, title, description):
+  """table6 and table8: one run per variant, one table of the configured metrics."""
+  p = parser(f"python -m dhmd_jax.experiments.{kind}", description)
+  add_variant_flags(p, default_variants, reference)
+  args, base = parse_args(p, argv)
+  variants = pick_variants(args.variants, default_variants, args.reference)
+  family = metric_family(base)
+  metrics = pick_metrics(args.metrics, family)
+  runs = variant_runs(base, variants)
+  for run in runs:
+    validate(run.config, f"variant {run.name}")
+  workdir = args.workdir or os.path.join("runs", kind)
+  start = time.time()
+  outcome = run_grid(kind, base, workdir, runs, reuse=reuse_dirs(args))
+  tables = [Table(title=title, rows=variants, reference=args.reference, metrics=metrics)]
+  return write_report(workdir, kind=kind, base_config=base, runs=runs, tables=tables,
+                      outcome=outcome, per_seed=collect(runs, outcome, args.split),
+                      split=args.split, legend=legend(variants), start_time=start)
