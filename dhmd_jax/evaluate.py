@@ -110,7 +110,8 @@ def restore_params(config, workdir, which="best"):
       jax.vmap(lambda k: steps.init_state(config, model, sample, k)), init_keys)
   ckpt = checkpoint.Checkpointer(workdir, read_only=True)
   try:
-    restored = ckpt.restore(state=abstract, best_params=abstract.params)
+    restored = ckpt.restore(state=abstract, best_params=abstract.params,
+                            check_host=lambda _, host: _refuse_sweep(workdir, host))
   finally:
     ckpt.close()
   if restored is None:
@@ -120,6 +121,16 @@ def restore_params(config, workdir, which="best"):
   epoch, arrays, _ = restored
   params = arrays["best_params"] if which == "best" else arrays["state"].params
   return dataset, model, params, epoch
+
+
+def _refuse_sweep(workdir, host):
+  """A loss-weight sweep's checkpoint holds value x seed runs, not the config's seeds: reading
+  it as seeds would mix the values up, so it is refused."""
+  if host.get("loss_weights"):
+    raise train_lib.TrainingError(
+        f"{workdir} holds a loss-weight sweep ({len(next(iter(host['loss_weights'].values())))} "
+        f"runs of several weights), which evaluate, predict and analyze do not read; use the "
+        f"sweep's own results.json and results.md, or train the value alone")
 
 
 def _predict(config, workdir, split, which):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from configs import ablations
+from dhmd_jax import evaluate as evaluate_lib
 from dhmd_jax import stats
 from dhmd_jax import train as train_lib
 from dhmd_jax.experiments import grid
@@ -209,6 +210,9 @@ def test_vmapped_loss_weight_sweep_equals_separate_runs(table6_grid, tmp_path):
   assert report["per_seed"]["lambda_dec=1"]["MAE"] == results["test"]["MAE"][1:]
   assert report["tables"][0]["reference"] == "lambda_dec=0.1"
   assert "n=1" in open(os.path.join(workdir, "results.md")).read()  # no CI from one seed
+  # A sweep's runs are not the config's seeds: evaluate refuses it rather than mix values up.
+  with pytest.raises(train_lib.TrainingError, match="loss-weight sweep .*2 runs"):
+    evaluate_lib.evaluate(evaluate_lib.run_config(swept), swept, split="test")
 
 
 def test_sweep_plans_k_as_separate_programs_and_weights_as_one():
