@@ -267,16 +267,17 @@ def environment():
 
 def markdown(results, env):
   lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}", "",
-           "| model | text | layout | batch | micro-batches/step | seeds | compile s | ms/step "
-           "| samples/s | GFLOP/step | % CPU peak | eval samples/s | parameters |",
+           # New columns go at the end: ../shared/bench/side_by_side.sh reads columns 6-8.
+           "| model | layout | batch | micro-batches/step | seeds | compile s | ms/step "
+           "| samples/s | GFLOP/step | % CPU peak | eval samples/s | text | parameters |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     frac = "" if r["cpu_peak_fraction"] is None else f"{100 * r['cpu_peak_fraction']:.1f}"
-    lines.append(f"| {r['variant']} | {r['text_encoder']} | {r['layout']} | {r['batch']} | "
+    lines.append(f"| {r['variant']} | {r['layout']} | {r['batch']} | "
                  f"{r['micro_batches']} | {r['seeds']} | "
                  f"{r['compile_s']:.1f} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | "
                  f"{r['step_gflops']:.2f} | {frac} | {r['eval_samples_per_s']:.0f} | "
-                 f"{r['params']:,} |")
+                 f"{r['text_encoder']} | {r['params']:,} |")
   return "\n".join(lines)
 
 
