@@ -33,21 +33,6 @@ def _may_differ(name):
   return any(name == p or name.startswith(p + ".") for p in MAY_DIFFER)
 
 
-def _get(config, dotted):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
-
-
 def run_config(workdir, *, given=None, explicit=()):
   """The config to evaluate `workdir` with: the run's own config.json.
 
@@ -85,7 +70,7 @@ def run_config(workdir, *, given=None, explicit=()):
       continue
     if _may_differ(name):
       if name in stored_flat:
-        _set(config, name, _get(given, name))
+        validation.set_field(config, name, validation.get_field(given, name))
       continue
     if name in stored_flat and stored_flat[name] != given_flat[name]:
       raise train_lib.TrainingError(

@@ -31,6 +31,7 @@ import ml_collections
 from ml_collections import config_flags
 
 import configs
+from dhmd_jax import validation
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(configs.__file__), "synthetic.py")
 _SCHEMA = os.path.join(os.path.dirname(configs.__file__), "default.py")
@@ -71,7 +72,6 @@ def _run(config, workdir):
   from dhmd_jax import data as data_lib
   from dhmd_jax import evaluate as evaluate_lib
   from dhmd_jax import train as train_lib
-  from dhmd_jax import validation
   # pylint: enable=g-import-not-at-top
   try:
     if _MODE.value == "train":
@@ -126,7 +126,7 @@ def _parse_flags(argv):
   if wants_help:
     print(_help(config, config_arg, full=wants_help == "full"))
     sys.exit(0)
-  fields = _fields(config)
+  fields = validation.config_fields(config)
   for name, arg in overrides:
     if name not in fields:
       _usage_error(_unknown_field(name, arg, fields))
@@ -215,15 +215,6 @@ def _load_config(arg):
   return config
 
 
-def _fields(config, prefix=""):
-  """{dotted name: value} of every field, nested ConfigDicts included."""
-  out = {}
-  for key, value in config.items():
-    out[prefix + key] = value
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_fields(value, prefix + key + "."))
-  return out
-
 
 def _closest(word, candidates):
   """The candidates most similar to `word` (ties all named), or []."""
@@ -302,6 +293,7 @@ def _type_problem(value, now):
 
 
 def _first_line(error):
+  """validation.first_line, without absl's 'ERROR:' prefix on flag errors."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return re.sub(r"^ERROR:+\s*", "", lines[0]) if lines else type(error).__name__
 
@@ -330,7 +322,7 @@ def _field_docs():
 
 
 def _help(config, config_arg, *, full):
-  fields, docs = _fields(config), _field_docs()
+  fields, docs = validation.config_fields(config), _field_docs()
   wrap = lambda text, indent: textwrap.wrap(text, width=96, initial_indent=indent,
                                             subsequent_indent=indent)
   lines = [f"usage: {_PROG} [--config=FILE[:ARG]] [--config.FIELD=VALUE ...] [--workdir=DIR]",

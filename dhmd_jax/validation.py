@@ -9,6 +9,8 @@ configs written for older versions validate too.
 
 import numbers
 
+import ml_collections
+
 from dhmd_jax.names import MODALITIES
 
 
@@ -75,6 +77,37 @@ REALS = {
     "train.learning_rate": ("open", 0.0, None), "train.grad_clip_value": (None, None),
     "train.plateau_factor": ("open", 0.0, 1.0 + 1e-12), "log.progress_interval_s": (0.0, None),
 }
+
+
+def get_field(config, dotted):
+  """config["a"]["b"]["c"] for "a.b.c" (ConfigDicts and plain dicts alike)."""
+  node = config
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def set_field(config, dotted, value):
+  """Sets config["a"]["b"]["c"] = value for "a.b.c"."""
+  *parents, leaf = dotted.split(".")
+  node = get_field(config, ".".join(parents)) if parents else config
+  node[leaf] = value
+
+
+def config_fields(config, prefix=""):
+  """{dotted name: value} of every field, nested ConfigDicts included (as fields too)."""
+  out = {}
+  for key, value in config.items():
+    out[prefix + key] = value
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update(config_fields(value, prefix + key + "."))
+  return out
+
+
+def first_line(error):
+  """The first non-empty line of an error's message, or its type's name."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[0] if lines else type(error).__name__
 
 
 def _lookup(config, dotted):

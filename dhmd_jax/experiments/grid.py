@@ -48,6 +48,7 @@ from configs import ablations
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import stats
+from dhmd_jax import validation
 
 GRID_FILE = "grid.json"
 RUN_FILE = "run.json"
@@ -554,11 +555,11 @@ def load_config(config_arg, overrides):
     config = module.get_config(*([arg] if colon else []))
   except Exception as error:  # pylint: disable=broad-except  (any failure: it does not load)
     raise UsageError(f"config file {config_arg} does not load ({type(error).__name__}: "
-                     f"{_first_line(error)})") from None
+                     f"{validation.first_line(error)})") from None
   if not isinstance(config, ml_collections.ConfigDict):
     raise UsageError(f"config file {path}: get_config() returned a {type(config).__name__}, "
                      f"expected an ml_collections.ConfigDict")
-  fields = _fields(config)
+  fields = validation.config_fields(config)
   for arg_text in overrides:
     name = arg_text.split("=", 1)[0].split(".", 1)[1]
     if name not in fields:
@@ -574,10 +575,10 @@ def load_config(config_arg, overrides):
                                       sys_argv=argv)
       values(argv)
     except (flags.Error, AttributeError, TypeError, ValueError) as error:
-      raise UsageError(f"bad config override: {_first_line(error)}") from None
+      raise UsageError(f"bad config override: {validation.first_line(error)}") from None
     for arg_text in overrides:
       name = arg_text.split("=", 1)[0].split(".", 1)[1]
-      before, after = fields[name], _fields(config)[name]
+      before, after = fields[name], validation.config_fields(config)[name]
       if isinstance(before, tuple) and before and isinstance(after, tuple):
         kinds = {type(v) for v in before}
         if not all(type(v) in kinds or (float in kinds and type(v) is int) for v in after):
@@ -586,18 +587,6 @@ def load_config(config_arg, overrides):
   return config
 
 
-def _fields(config, prefix=""):
-  out = {}
-  for key, value in config.items():
-    out[prefix + key] = value
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(_fields(value, prefix + key + "."))
-  return out
-
-
-def _first_line(error):
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[0] if lines else type(error).__name__
 
 
 def validate(config, where):

@@ -33,6 +33,7 @@ import time
 
 import ml_collections
 
+from dhmd_jax import validation
 from dhmd_jax.experiments import grid
 
 LOSS_PARAMS = ("lambda_dec", "lambda_dtl", "lambda_dic", "gamma")  # objective.LOSS_WEIGHTS
@@ -77,21 +78,6 @@ def parse_values(param, text):
   return values
 
 
-def _get(config, dotted):
-  node = config
-  for part in dotted.split("."):
-    node = node[part]
-  return node
-
-
-def _set(config, dotted, value):
-  *parents, leaf = dotted.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
-  node[leaf] = value
-
-
 def row_name(param, value):
   return f"{param}={value:g}" if isinstance(value, float) else f"{param}={value}"
 
@@ -115,19 +101,19 @@ def plan(base, values, *, separate=False, metrics=()):
   runs, tables = [], []
   for param, given in values.items():
     field = FIELDS[param]
-    reference = _get(base, field)
+    reference = validation.get_field(base, field)
     cast = int if param == "num_elements" else float
     vals = sorted(set(cast(v) for v in given) | {cast(reference)})
     rows = [row_name(param, v) for v in vals]
     if param == "num_elements" or separate:
       for v, row in zip(vals, rows):
         config = ml_collections.ConfigDict(base.to_dict())
-        _set(config, field, v)
+        validation.set_field(config, field, v)
         runs.append(grid.Run(name=row, config=config, rows=(row,), overrides={field: v}))
     else:
       # Every Eq. 14 weight enters the program as an input (the others at the config's value),
       # so the lambda1, lambda2 and lambda3 sweeps are one and the same compiled program.
-      weights = {q: [float(_get(base, FIELDS[q]))] * len(vals) for q in LOSS_PARAMS}
+      weights = {q: [float(validation.get_field(base, FIELDS[q]))] * len(vals) for q in LOSS_PARAMS}
       weights[param] = vals
       runs.append(grid.Run(name=param, config=ml_collections.ConfigDict(base.to_dict()),
                            rows=tuple(rows), overrides={}, loss_weights=weights))
