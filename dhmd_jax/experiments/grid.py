@@ -118,13 +118,9 @@ class Table:
 
 def variant_config(base, variant):
   """A copy of `base` with the component switches of `variant` (see `VARIANTS`)."""
-  arch, use_fd, use_ca, use_gd, use_dm = VARIANTS[variant]
   config = ml_collections.ConfigDict(base.to_dict())
-  config.model.arch = arch
-  config.model.use_fd = use_fd
-  config.model.use_ca = use_ca
-  config.model.use_gd = use_gd
-  config.model.use_dm = use_dm
+  for name, value in variant_overrides(variant).items():
+    validation.set_field(config, name, value)
   return config
 
 
