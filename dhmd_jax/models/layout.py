@@ -22,6 +22,7 @@ state of this project), so a v1 checkpoint resumes in v2.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from dhmd_jax.names import MODALITY_KEYS
@@ -132,16 +133,19 @@ def convert_v1_train_state(state, *, batch_dims: int = 1):
   parameter-sized vector (Adam's moments over `ravel_pytree(params)`) is re-ordered to match.
   """
   v1_params = state.params
-  template = jax.tree.map(lambda a: a[(0,) * batch_dims], v1_params)  # one seed's tree
-  size = ravel_pytree(template)[0].shape[0]
+  # One seed's tree (shapes only matter).
+  template = jax.tree.map(lambda a: np.zeros(a.shape[batch_dims:], a.dtype), v1_params)
+  size = sum(a.size for a in jax.tree.leaves(template))
+
+  permute = lambda v: convert_v1_vector(v, template)
+  for _ in range(batch_dims):
+    permute = jax.vmap(permute)
+  permute = jax.jit(permute)  # one compiled permutation, not hundreds of op-by-op slices
 
   def vector(leaf):
     if leaf.ndim != batch_dims + 1 or leaf.shape[-1] != size:
       return leaf
-    fn = lambda v: convert_v1_vector(v, template)
-    for _ in range(batch_dims):
-      fn = jax.vmap(fn)
-    return fn(leaf)
+    return permute(leaf)
 
-  return state.replace(params=convert_v1_params(v1_params, batch_dims=batch_dims),
-                       opt_state=jax.tree.map(vector, state.opt_state))
+  params = jax.jit(lambda p: convert_v1_params(p, batch_dims=batch_dims))(v1_params)
+  return state.replace(params=params, opt_state=jax.tree.map(vector, state.opt_state))
