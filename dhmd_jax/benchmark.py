@@ -177,10 +177,12 @@ class Chunk:
   index: jax.Array  # (S, K, U, B)
   valid: jax.Array  # (K,)
   dropout_keys: jax.Array  # (S,)
+  loss_weights: dict  # {name: (S,)}: the config's Eq. 14 weights, inputs as in the trainer
 
   @property
   def args(self):
-    return (self.active, self.data, self.index, self.valid, self.dropout_keys)
+    return (self.active, self.data, self.index, self.valid, self.dropout_keys,
+            self.loss_weights)
 
 
 def make_chunk(config, model, layout, batch, num_seeds, num_steps):
@@ -193,11 +195,13 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
   dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
   sample = jax.tree.map(lambda a: a[:batch], data)
   states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
-  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  # The trainer's program: the loss weights are inputs (see train._Run.loss_weights).
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model), loss_weights=True)
   index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
                             micro_per_step=micro)
   return Chunk(run_chunk, states, jnp.ones(num_seeds, bool), data, index,
-               jnp.ones(num_steps, bool), dropout_keys)
+               jnp.ones(num_steps, bool), dropout_keys,
+               jax.device_put(train_lib.run_loss_weights(config, num_seeds)))
 
 
 def run_case(variant, layout, batch, num_seeds, num_steps, repeats):

@@ -271,5 +271,6 @@ def _v1_target(target):
 def _from_v1(arrays):
   out = dict(arrays)
   out["state"] = layout.convert_v1_train_state(out["state"], batch_dims=1)
-  out["best_params"] = layout.convert_v1_params(out["best_params"], batch_dims=1)
+  out["best_params"] = jax.jit(lambda p: layout.convert_v1_params(p, batch_dims=1))(
+      out["best_params"])  # compiled: one program, not one per array
   return out

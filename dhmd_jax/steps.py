@@ -155,10 +155,11 @@ def make_run_chunk(train_step, mesh=None, *, loss_weights=False):
     index: (S, K, U, B) int32 rows of `data` for every micro-batch.
     valid: (K,) bool, False for padding steps past the end of the epoch.
     dropout_keys: (S,) keys; step t of a seed uses fold_in(key, t), so resuming is exact.
-    loss_weights (only when made with `loss_weights=True`): {name: (S,) float32}, each run's
-      Eq. 14 weights (`objective.LOSS_WEIGHTS`): then the leading axis holds runs (a sweep's
-      value x seed), each with its own weights as it has its own dropout keys. They are an
-      input, not part of the TrainState, so checkpoints keep their structure.
+    loss_weights (only when made with `loss_weights=True`, as the trainer does): {name: (S,)
+      float32}, each run's Eq. 14 weights (`objective.LOSS_WEIGHTS`; `train.run_loss_weights`).
+      The leading axis may then hold runs (a sweep's value x seed), each with its own weights as
+      it has its own dropout keys. They are an input, not part of the TrainState, so
+      checkpoints keep their structure; without them the config's weights are constants.
   Returns (states, metrics) with metrics leaves of shape (S, K).
   With a `mesh`, each step's micro-batches (U, B, ...) are split over devices along B.
   """

@@ -171,12 +171,20 @@ def sweep_runs(seeds, loss_weights=None):
 
 def _host_weights(run):
   """A sweep's per-run loss weights as JSON lists (for the checkpoint and the report)."""
-  return {n: [float(x) for x in np.asarray(w)] for n, w in run.loss_weights.items()}
+  return {n: [float(x) for x in np.asarray(w)] for n, w in run.swept.items()}
+
+
+def run_loss_weights(config, num_runs, swept=None):
+  """{name: (R,) float32} for every Eq. 14 weight: the config's value, or a sweep's per run."""
+  weights = {n: np.full(num_runs, getattr(config.loss, n), np.float32)
+             for n in objective.LOSS_WEIGHTS}
+  weights.update(swept or {})
+  return weights
 
 
 def _check_same_sweep(run, stored):
   """Resuming a sweep needs the checkpoint's per-run loss weights (None: not a sweep)."""
-  current = None if run.loss_weights is None else _host_weights(run)
+  current = None if run.swept is None else _host_weights(run)
   if stored != current:
     raise TrainingError(
         f"{run.workdir} holds runs with loss weights {stored}, this command has {current}; "
@@ -277,9 +285,13 @@ class _Run:
   chunking: tuple  # (number of chunks, steps per chunk)
   run_chunk: Any
   predict: Any
+  # Every run's Eq. 14 weights, {name: (R,) float32 on the device} for every name of
+  # `objective.LOSS_WEIGHTS`: inputs of the compiled chunk, also when they are the config's own,
+  # so a plain run and a loss-weight sweep are one program and agree exactly on any backend.
+  loss_weights: Any = None
   # A loss-weight sweep (see `sweep_runs`): the vmapped axis holds runs (value x seed) instead of
-  # seeds; `seeds` then has one entry per run. None / the seeds when not sweeping.
-  loss_weights: Any = None  # {name: (R,) float32 on the device}, one value per run
+  # seeds; `seeds` then has one entry per run. {name: (R,) values} of the swept names, or None.
+  swept: Any = None
   run_names: list = None  # per run: the seed, or "<seed>-<name>=<value>,..."
 
   def place(self, tree):
@@ -334,12 +346,11 @@ def _set_up(config, workdir, loss_weights=None):
       mesh=mesh, model=model, keys=seed_keys(seeds, config.train.dropout_rng),
       steps_per_epoch=steps_per_epoch,
       chunking=_chunking(steps_per_epoch, config.train.steps_per_chunk),
-      run_chunk=(steps.make_run_chunk(train_step, mesh) if run_weights is None else
-                 steps.make_run_chunk(train_step, mesh, loss_weights=True)),
+      run_chunk=steps.make_run_chunk(train_step, mesh, loss_weights=True),
       predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh),
-      loss_weights=(None if run_weights is None else
-                    jax.device_put(run_weights, parallel.replicated(mesh))),
-      run_names=run_names)
+      loss_weights=jax.device_put(run_loss_weights(config, len(seeds), run_weights),
+                                  parallel.replicated(mesh)),
+      swept=run_weights, run_names=run_names)
 
 
 def _start_or_resume(run, ckpt):
@@ -385,10 +396,9 @@ def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
     valid = np.arange(lo, lo + chunk) < run.steps_per_epoch
     if idx.shape[1] < chunk:  # the last chunk: pad with steps that are not applied
       idx = jnp.pad(idx, ((0, 0), (0, chunk - idx.shape[1]), (0, 0), (0, 0)))
-    sweep = [] if run.loss_weights is None else [run.loss_weights]  # per-run loss weights
     progress.states, metrics = run.run_chunk(progress.states, jnp.asarray(active),
                                              run.device["train"], idx, jnp.asarray(valid),
-                                             run.keys[2], *sweep)
+                                             run.keys[2], run.loss_weights)
     metrics = jax.device_get(metrics)
     _check_finite(metrics, valid, active, epoch=epoch, first_step=lo, seeds=run.run_names,
                   workdir=run.workdir)
@@ -434,7 +444,7 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
 def _save(run, progress, ckpt):
   host = {"fingerprint": config_fingerprint(run.config),
           "schedule": schedule.to_json(progress.sched), "seeds": run.seeds}
-  if run.loss_weights is not None:
+  if run.swept is not None:
     host["loss_weights"] = _host_weights(run)
   ckpt.save(progress.epoch, state=progress.states, best_params=progress.best_params,
             host=json.loads(json.dumps(reporting._jsonable(host))))  # pylint: disable=protected-access
@@ -459,7 +469,7 @@ def _final_report(run, progress, start_time):
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
   }
-  if run.loss_weights is not None:  # a loss-weight sweep: each run's weights and name
+  if run.swept is not None:  # a loss-weight sweep: each run's weights and name
     results["loss_weights"] = _host_weights(run)
     results["runs"] = run.run_names
   reporting.write_predictions(
