@@ -28,6 +28,7 @@ import logging as py_logging
 import os
 import sys
 import time
+import traceback
 import zlib
 
 import jax
@@ -51,10 +52,34 @@ class _QuietOrbax(py_logging.Filter):
     return record.levelno >= py_logging.ERROR or f"{os.sep}orbax{os.sep}" not in record.pathname
 
 
+class _DropClosedLoopCallbacks:
+  """An unraisable-exception hook that drops one kind of noise and passes everything else on.
+
+  When orbax fails to read a damaged checkpoint it closes its event loop while tensorstore reads
+  of the same checkpoint are still in flight; as each finishes, its callback calls the closed
+  loop's `call_soon_threadsafe` from a tensorstore thread and Python prints a traceback
+  "RuntimeError: Event loop is closed" for it (dozens, interleaved). The reads are of a
+  checkpoint already given up on, so nothing is lost: the restore reports the damage in one line.
+  """
+
+  def __init__(self, previous):
+    self.previous = previous
+
+  def __call__(self, unraisable):
+    error, tb = unraisable.exc_value, unraisable.exc_traceback
+    frames = [f.f_code.co_name for f, _ in traceback.walk_tb(tb)] if tb is not None else []
+    if (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+        and "call_soon_threadsafe" in frames):
+      return
+    self.previous(unraisable)
+
+
 def _quiet_orbax():
   logger = py_logging.getLogger("absl")
   if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
     logger.addFilter(_QuietOrbax())
+  if not isinstance(sys.unraisablehook, _DropClosedLoopCallbacks):
+    sys.unraisablehook = _DropClosedLoopCallbacks(sys.unraisablehook)
 
 
 def _manager(directory, *, create):
