@@ -18,3 +18,26 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
   if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()
+
+
+# ------------------------------------------------------------------ running on several workers
+# `python -m pytest` runs the tests on up to four worker processes (pytest-xdist, setup.cfg's
+# addopts; `-n 0` runs them all in this process). Each test file is one unit of work
+# (`--dist loadfile`), so its module-scoped fixtures are built once. Files start heaviest first
+# (by their times on the 2-core machine), so no long file starts last while the other worker
+# idles.
+
+HEAVIEST_FIRST = ("test_stacked.py", "test_train.py", "test_faults.py", "test_model.py",
+                  "test_experiments.py", "test_distributed.py", "test_analysis.py",
+                  "test_parallel.py", "test_bert.py")
+
+
+def pytest_xdist_auto_num_workers(config):
+  del config
+  return max(1, min(4, os.cpu_count() or 1))
+
+
+def pytest_collection_modifyitems(config, items):
+  del config
+  rank = {name: i for i, name in enumerate(HEAVIEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: files stay whole
