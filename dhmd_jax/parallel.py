@@ -8,7 +8,7 @@ batch, not a device's shard.
 
 Multi-host: call `jax.distributed.initialize()` on every host before anything else; the mesh
 then spans all hosts' devices (`jax.devices()`), and every host runs the same command. Host
-arrays go onto such a mesh with `replicate` (tests/test_distributed.py runs two processes).
+arrays go onto such a mesh with `replicate` (tests/test_parallel.py runs two processes).
 """
 
 import jax
