@@ -117,7 +117,8 @@ def synthetic_arrays(layout, num, seed=0, text_encoder="features"):
 def cpu_peak_flops():
   """Peak fp32 FLOP/s of this CPU: cores x GHz x FLOPs/cycle (FMA width from the flags)."""
   try:
-    info = open("/proc/cpuinfo").read()
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
   except OSError:
     return None, "unknown"
   flags_line = next((l for l in info.splitlines() if l.startswith("flags")), "")
