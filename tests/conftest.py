@@ -28,7 +28,8 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
 # idles.
 
 HEAVIEST_FIRST = ("test_stacked.py", "test_train.py", "test_faults.py", "test_parallel.py",
-                  "test_experiments.py", "test_model.py", "test_analysis.py", "test_bert.py")
+                  "test_experiments.py", "test_model.py", "test_analysis.py", "test_bert.py",
+                  "test_benchmark.py")
 
 
 def pytest_xdist_auto_num_workers(config):
