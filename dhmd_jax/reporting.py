@@ -23,13 +23,15 @@ HEADLINE = {
 }
 
 
-def _jsonable(value):
+def jsonable(value):
+  """`value` with NumPy arrays and scalars as lists and Python numbers, dict keys as strings and
+  NaN/inf as None: what `json` writes as strict JSON (results, logs, checkpoint host data)."""
   if isinstance(value, dict):
-    return {str(k): _jsonable(v) for k, v in value.items()}
+    return {str(k): jsonable(v) for k, v in value.items()}
   if isinstance(value, (list, tuple)):
-    return [_jsonable(v) for v in value]
+    return [jsonable(v) for v in value]
   if isinstance(value, np.ndarray):
-    return _jsonable(value.tolist())
+    return jsonable(value.tolist())
   if isinstance(value, (np.floating, float)):
     value = float(value)
     return value if math.isfinite(value) else None  # strict JSON: NaN -> null
@@ -43,7 +45,7 @@ def _jsonable(value):
 def write_json(path, data):
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
-    json.dump(_jsonable(data), f, indent=2, sort_keys=False)
+    json.dump(jsonable(data), f, indent=2, sort_keys=False)
     f.write("\n")
   os.replace(tmp, path)
 
@@ -72,7 +74,7 @@ class MetricsLog:
 
   def write(self, record):
     with open(self.path, "a") as f:
-      f.write(json.dumps(_jsonable(record)) + "\n")
+      f.write(json.dumps(jsonable(record)) + "\n")
 
   def read(self):
     with open(self.path) as f:

@@ -447,7 +447,7 @@ def _save(run, progress, ckpt):
   if run.swept is not None:
     host["loss_weights"] = _host_weights(run)
   ckpt.save(progress.epoch, state=progress.states, best_params=progress.best_params,
-            host=json.loads(json.dumps(reporting._jsonable(host))))  # pylint: disable=protected-access
+            host=json.loads(json.dumps(reporting.jsonable(host))))
 
 
 def _final_report(run, progress, start_time):
