@@ -432,8 +432,11 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
                                            jnp.asarray(improved))
   progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
   progress.epoch = epoch
+  # A sweep's runs share seeds: "runs" names each column ("<seed>-<name>=<value>"), as in
+  # results.json.
+  names = {} if run.swept is None else {"runs": run.run_names}
   return {
-      "epoch": epoch, "seeds": run.seeds, "active": active, "lr": lr_used,
+      "epoch": epoch, "seeds": run.seeds, **names, "active": active, "lr": lr_used,
       "train": {k: v for k, v in train_means.items() if not k.startswith("edge/")},
       "edges": {k[len("edge/"):]: v for k, v in train_means.items() if k.startswith("edge/")},
       "valid_loss": valid_loss, "valid": valid_metrics, "test": test_metrics,

@@ -185,6 +185,9 @@ def test_vmapped_loss_weight_sweep_equals_separate_runs(table6_grid, tmp_path):
   assert results["loss_weights"]["lambda_dec"] == pytest.approx([0.1, 1.0])
   assert results["loss_weights"]["lambda_dtl"] == pytest.approx([0.05, 0.05])  # the config's
   assert [r.split(",")[0] for r in results["runs"]] == ["1111-lambda_dec=0.1", "1111-lambda_dec=1"]
+  with open(os.path.join(workdir, "lambda_dec", "metrics.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert records and all(r["runs"] == results["runs"] for r in records)  # seeds repeat here
   _, preds = _predictions(swept)
 
   # lambda_dec=0.1 is the config's own value: seed 1111 of table6's `fd` run, trained alone.
