@@ -16,13 +16,11 @@ cannot go on stops with one line and status 1; Ctrl-C with one line and status 1
 """
 
 import difflib
-import importlib.util
 import json
 import os
 import re
 import sys
 import textwrap
-import traceback
 
 from absl import app
 from absl import flags
@@ -191,29 +189,10 @@ def _scan(argv):
 
 def _load_config(arg):
   """The config that `--config=arg` names, loaded as ml_collections will; one line if not."""
-  path, colon, config_string = arg.partition(":")
-  if not os.path.isfile(path):
-    where = "is a folder" if os.path.isdir(path) else "does not exist"
-    _usage_error(f"config file {path} {where}: pass --config=configs/<name>.py (mosei.py, "
-                 f"mosi.py, sims.py, urfunny.py, mustard.py, ablations.py:<dataset>,<variant>, "
-                 f"synthetic.py, tiny.py)")
   try:
-    spec = importlib.util.spec_from_file_location("dhmd_jax_cli_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(*([config_string] if colon else []))
-  except Exception as e:  # pylint: disable=broad-except  (any failure: the file does not load)
-    frames = [f for f in traceback.extract_tb(e.__traceback__)
-              if os.path.dirname(os.path.abspath(f.filename)) ==
-              os.path.dirname(os.path.abspath(path))]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
-    _usage_error(f"config file {arg} does not load ({type(e).__name__}{where}: "
-                 f"{_first_line(e)})")
-  if not isinstance(config, ml_collections.ConfigDict):
-    _usage_error(f"config file {path}: get_config() returned a {type(config).__name__}, "
-                 f"expected an ml_collections.ConfigDict")
-  return config
-
+    return validation.load_config_file(arg)
+  except validation.ConfigError as e:
+    _usage_error(str(e))
 
 
 def _closest(word, candidates):

@@ -7,7 +7,10 @@ only when the train step was first traced). Fields a config does not have are sk
 configs written for older versions validate too.
 """
 
+import importlib.util
 import numbers
+import os
+import traceback
 
 import ml_collections
 
@@ -102,6 +105,36 @@ def config_fields(config, prefix=""):
     if isinstance(value, ml_collections.ConfigDict):
       out.update(config_fields(value, prefix + key + "."))
   return out
+
+
+CONFIG_HINT = ("pass --config=configs/<name>.py (mosei.py, mosi.py, sims.py, urfunny.py, "
+               "mustard.py, ablations.py:<dataset>,<variant>, synthetic.py, tiny.py)")
+
+
+def load_config_file(arg):
+  """The config `--config=FILE[:ARG]` names (`get_config(ARG)` of FILE), as ml_collections'
+  config flags load it; `ConfigError` with one line naming the file (and, when the file itself
+  raised, where) if it cannot be loaded. The one loader of `main` and the experiment grids."""
+  path, colon, config_string = arg.partition(":")
+  if not os.path.isfile(path):
+    where = "is a folder" if os.path.isdir(path) else "does not exist"
+    raise ConfigError(f"config file {path} {where}: {CONFIG_HINT}")
+  try:
+    spec = importlib.util.spec_from_file_location("dhmd_jax_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(*([config_string] if colon else []))
+  except Exception as e:  # pylint: disable=broad-except  (any failure: the file does not load)
+    frames = [f for f in traceback.extract_tb(e.__traceback__)
+              if os.path.dirname(os.path.abspath(f.filename)) ==
+              os.path.dirname(os.path.abspath(path))]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    raise ConfigError(f"config file {arg} does not load ({type(e).__name__}{where}: "
+                      f"{first_line(e)})") from None
+  if not isinstance(config, ml_collections.ConfigDict):
+    raise ConfigError(f"config file {path}: get_config() returned a {type(config).__name__}, "
+                      f"expected an ml_collections.ConfigDict")
+  return config
 
 
 def first_line(error):

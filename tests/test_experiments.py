@@ -252,6 +252,9 @@ def _one_line_error(status, out, err, expected_status, *fragments):
      ("--lambda_dec: 'abc' is not a non-negative number",)),
     (sweep.main, ["--params=lambda_dec,lambda3"], ("unknown sweep parameter 'lambda3'",)),
     (table6.main, ["--config.train.num_epoch=1"], ("did you mean train.num_epochs",)),
+    # The config file itself: main's loader (validation.load_config_file), main's messages.
+    (table6.main, ["--config=configs/nope.py"], ("config file configs/nope.py does not exist",)),
+    (sweep.main, ["--config=configs"], ("config file configs is a folder",)),
 ])
 def test_bad_input_is_one_line(main, args, fragments, tmp_path):
   with counted_training() as calls:

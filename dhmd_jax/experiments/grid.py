@@ -31,7 +31,6 @@ import argparse
 import contextlib
 import dataclasses
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -539,22 +538,10 @@ def parse_args(p, argv):
 
 def load_config(config_arg, overrides):
   """The config `--config=FILE[:ARG]` names, with `--config.FIELD=VALUE` overrides applied."""
-  path, colon, arg = config_arg.partition(":")
-  if not os.path.isfile(path):
-    raise UsageError(f"config file {path} does not exist: pass --config=configs/<name>.py "
-                     f"(mosei.py, mosi.py, sims.py, urfunny.py, mustard.py, synthetic.py, tiny.py, "
-                     f"ablations.py:<dataset>,<variant>)")
   try:
-    spec = importlib.util.spec_from_file_location("dhmd_jax_grid_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config(*([arg] if colon else []))
-  except Exception as error:  # pylint: disable=broad-except  (any failure: it does not load)
-    raise UsageError(f"config file {config_arg} does not load ({type(error).__name__}: "
-                     f"{validation.first_line(error)})") from None
-  if not isinstance(config, ml_collections.ConfigDict):
-    raise UsageError(f"config file {path}: get_config() returned a {type(config).__name__}, "
-                     f"expected an ml_collections.ConfigDict")
+    config = validation.load_config_file(config_arg)
+  except validation.ConfigError as error:
+    raise UsageError(str(error)) from None
   fields = validation.config_fields(config)
   for arg_text in overrides:
     name = arg_text.split("=", 1)[0].split(".", 1)[1]
