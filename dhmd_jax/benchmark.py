@@ -196,8 +196,7 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
   dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
   sample = jax.tree.map(lambda a: a[:batch], data)
   states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
-  # The trainer's program: the loss weights are inputs (see train._Run.loss_weights).
-  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model), loss_weights=True)
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
   index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
                             micro_per_step=micro)
   return Chunk(run_chunk, states, jnp.ones(num_seeds, bool), data, index,

@@ -145,7 +145,7 @@ def gather(data, index):
   return jax.tree.map(lambda a: jnp.take(a, index, axis=0), data)
 
 
-def make_run_chunk(train_step, mesh=None, *, loss_weights=False):
+def make_run_chunk(train_step, mesh=None):
   """Jitted: scan `train_step` over K steps for all seeds at once.
 
   Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
@@ -155,21 +155,21 @@ def make_run_chunk(train_step, mesh=None, *, loss_weights=False):
     index: (S, K, U, B) int32 rows of `data` for every micro-batch.
     valid: (K,) bool, False for padding steps past the end of the epoch.
     dropout_keys: (S,) keys; step t of a seed uses fold_in(key, t), so resuming is exact.
-    loss_weights (only when made with `loss_weights=True`, as the trainer does): {name: (S,)
-      float32}, each run's Eq. 14 weights (`objective.LOSS_WEIGHTS`; `train.run_loss_weights`).
-      The leading axis may then hold runs (a sweep's value x seed), each with its own weights as
-      it has its own dropout keys. They are an input, not part of the TrainState, so
-      checkpoints keep their structure; without them the config's weights are constants.
+    loss_weights: {name: (S,) float32}, each run's Eq. 14 weights (`objective.LOSS_WEIGHTS`;
+      `train.run_loss_weights` gives the config's). The leading axis may hold runs (a sweep's
+      value x seed), each with its own weights as it has its own dropout keys. They are an
+      input, not part of the TrainState, so checkpoints keep their structure, and a plain run
+      and a sweep of one config are the same program.
   Returns (states, metrics) with metrics leaves of shape (S, K).
   With a `mesh`, each step's micro-batches (U, B, ...) are split over devices along B.
   """
 
-  def run_one_seed(state, active, data, index, valid, dropout_key, weights=None):
+  def run_one_seed(state, active, data, index, valid, dropout_key, weights):
     def body(state, xs):
       step_index, ok = xs
       key = jax.random.fold_in(dropout_key, state.step)
       batch = parallel.constrain_batch(gather(data, step_index), mesh, batch_axis=1)
-      new_state, metrics = train_step(state, batch, key, *([] if weights is None else [weights]))
+      new_state, metrics = train_step(state, batch, key, weights)
       keep = jnp.logical_and(ok, active)
       new_state = jax.tree.map(lambda n, o: jnp.where(keep, n, o), new_state, state)
       return new_state, metrics
@@ -178,8 +178,7 @@ def make_run_chunk(train_step, mesh=None, *, loss_weights=False):
   # Outputs replicated over the mesh, the layout the caller gives the inputs: a chunk's output
   # state is the next chunk's input, and any change of sharding would recompile the step.
   out_shardings = None if mesh is None else parallel.replicated(mesh)
-  in_axes = (0, 0, None, 0, None, 0) + ((0,) if loss_weights else ())
-  return jax.jit(jax.vmap(run_one_seed, in_axes=in_axes), donate_argnums=0,
+  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0, 0)), donate_argnums=0,
                  out_shardings=out_shardings)
 
 

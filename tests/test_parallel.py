@@ -74,7 +74,7 @@ for n in mesh_sizes:
                    out_shardings=parallel.replicated(mesh))(place(init_keys))
   run_chunk = steps.make_run_chunk(steps.make_train_step(config, model), mesh)
   args = (states, place(jnp.ones(2, bool)), data, place(index), place(jnp.ones(4, bool)),
-          place(dropout_keys))
+          place(dropout_keys), place(train_lib.run_loss_weights(config, 2)))
   t1 = time.monotonic()
   compiled = run_chunk.lower(*args).compile()  # compiled once, called below
   hlo = compiled.as_text()
