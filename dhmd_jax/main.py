@@ -15,7 +15,6 @@ config file that does not load) stops with one line `error: ...` and exit status
 cannot go on stops with one line and status 1; Ctrl-C with one line and status 130.
 """
 
-import difflib
 import json
 import os
 import re
@@ -195,20 +194,8 @@ def _load_config(arg):
     _usage_error(str(e))
 
 
-def _closest(word, candidates):
-  """The candidates most similar to `word` (ties all named), or []."""
-  close = difflib.get_close_matches(word, candidates, n=5, cutoff=0.6)
-  score = lambda c: difflib.SequenceMatcher(None, word, c).ratio()
-  return sorted(c for c in close if score(c) == score(close[0])) if close else []
-
-
-def _either(names):
-  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
-
-
 def _unknown_field(name, arg, fields):
-  close = _closest(name, list(fields))
-  hint = (f"did you mean {_either(close)}?" if close else
+  hint = (validation.did_you_mean(name, fields) or
           f"every field is declared in {_SCHEMA_NAME} ({_PROG} --helpfull lists them)")
   return f"unknown config field {name or arg}; {hint}"
 
@@ -216,8 +203,7 @@ def _unknown_field(name, arg, fields):
 def _unknown_flag(name, fields):
   candidates = [f"--{n}" for n in flags.FLAGS if not n.startswith("config.")]
   candidates += [f"--config.{n}" for n in fields]
-  close = _closest(f"--{name}", candidates)
-  hint = f"did you mean {_either(close)}?" if close else f"{_PROG} --help lists the flags"
+  hint = validation.did_you_mean(f"--{name}", candidates) or f"{_PROG} --help lists the flags"
   return f"unknown flag --{name}; {hint}"
 
 

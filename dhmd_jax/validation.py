@@ -7,6 +7,7 @@ only when the train step was first traced). Fields a config does not have are sk
 configs written for older versions validate too.
 """
 
+import difflib
 import importlib.util
 import numbers
 import os
@@ -135,6 +136,18 @@ def load_config_file(arg):
     raise ConfigError(f"config file {path}: get_config() returned a {type(config).__name__}, "
                       f"expected an ml_collections.ConfigDict")
   return config
+
+
+def did_you_mean(word, candidates):
+  """'did you mean X?' naming the candidates most similar to `word` (ties all named: 'X or Y'),
+  or None when none is close (the command lines' hint for a typo'd field or flag)."""
+  close = difflib.get_close_matches(word, list(candidates), n=5, cutoff=0.6)
+  if not close:
+    return None
+  score = lambda c: difflib.SequenceMatcher(None, word, c).ratio()
+  best = sorted(c for c in close if score(c) == score(close[0]))
+  either = best[0] if len(best) == 1 else ", ".join(best[:-1]) + " or " + best[-1]
+  return f"did you mean {either}?"
 
 
 def first_line(error):

@@ -30,7 +30,6 @@ and the trainer are imported only when a grid starts, so a mistake is answered a
 import argparse
 import contextlib
 import dataclasses
-import difflib
 import json
 import math
 import os
@@ -546,8 +545,8 @@ def load_config(config_arg, overrides):
   for arg_text in overrides:
     name = arg_text.split("=", 1)[0].split(".", 1)[1]
     if name not in fields:
-      close = difflib.get_close_matches(name, list(fields), n=1)
-      hint = f"did you mean {close[0]}?" if close else "configs/default.py declares every field"
+      hint = (validation.did_you_mean(name, fields) or
+              "configs/default.py declares every field")
       raise UsageError(f"unknown config field {name}; {hint}")
   if overrides:
     from absl import flags  # pylint: disable=g-import-not-at-top
