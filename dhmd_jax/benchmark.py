@@ -229,7 +229,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   one_batch = jax.tree.map(lambda a: a[chunk.index[0, 0]], chunk.data)
   step = jax.jit(steps.make_train_step(config, model))
   # Lowering only: no second compilation.
-  cost = step.lower(one_state, one_batch, chunk.dropout_keys[0]).cost_analysis()
+  one_weights = jax.tree.map(lambda a: a[0], chunk.loss_weights)  # as the timed chunk has them
+  cost = step.lower(one_state, one_batch, chunk.dropout_keys[0], one_weights).cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   flops = float(cost.get("flops", 0.0)) if cost else 0.0
   peak, _ = cpu_peak_flops()

@@ -287,8 +287,8 @@ class _Run:
   predict: Any
   # Every run's Eq. 14 weights, {name: (R,) float32 on the device} for every name of
   # `objective.LOSS_WEIGHTS`: inputs of the compiled chunk, also when they are the config's own,
-  # so a plain run and a loss-weight sweep are one program and agree exactly on any backend.
-  loss_weights: Any = None
+  # so a plain run and a loss-weight sweep are one program and agree exactly.
+  loss_weights: Any
   # A loss-weight sweep (see `sweep_runs`): the vmapped axis holds runs (value x seed) instead of
   # seeds; `seeds` then has one entry per run. {name: (R,) values} of the swept names, or None.
   swept: Any = None
