@@ -3,14 +3,20 @@
 Dataset configs (`mosei.py`, `mosi.py`, ...) import `get_config()` and change a few fields; library
 code reads `config.x` and never `config.get("x", default)`, so a typo in an override fails loudly.
 
-Defaults follow the public DMD code for everything DHMD inherits from DMD (see
-`shared/reference/dmd-reference-code.md`, table (a)) and the DHMD paper for dictionary matching,
+Defaults follow the public DMD code for everything DHMD inherits from DMD (the
+README's fidelity table lists where the two differ) and the DHMD paper for dictionary matching,
 which has no public code. Every place where the paper and the DMD code differ is one named field;
 the README's fidelity table lists them.
 """
 
 import ml_collections
 
+from dhmd_jax.validation import Bool
+from dhmd_jax.validation import Int
+from dhmd_jax.validation import OneOf
+from dhmd_jax.validation import Real
+from dhmd_jax.validation import Seeds
+from dhmd_jax.validation import Text
 
 
 def get_config():
@@ -191,8 +197,8 @@ def get_config():
   config.train = ml_collections.ConfigDict()
   # Seeds trained together in one program with jax.vmap (MMSA convention 1111-1115).
   config.train.seeds = (1111, 1112, 1113, 1114, 1115)
-  config.train.batch_size = 16
-  config.train.learning_rate = 1e-4
+  config.train.batch_size = 16  # samples per micro-batch (per seed)
+  config.train.learning_rate = 1e-4  # Adam
   # Gradient accumulation: micro-batches summed per Adam step (code 10), with the running sum
   # clipped to +-grad_clip_value after every micro-batch (code 0.6; <= 0 disables clipping).
   config.train.update_epochs = 10
@@ -231,12 +237,122 @@ def get_config():
 
   # ---------------------------------------------------------------- logging
   config.log = ml_collections.ConfigDict()
+  # TensorBoard event files in <workdir>/tensorboard (one run per seed).
   config.log.tensorboard = True
+  # A progress line on stderr while an epoch trains.
   config.log.progress_bar = True
   # Minimum seconds between progress-bar redraws.
   config.log.progress_interval_s = 2.0
 
   return config
+
+
+_DATASETS = ("mosi", "mosei", "sims", "urfunny", "mustard")
+_RATE = Real(0.0, 1.0)  # a dropout rate: [0, 1)
+_WEIGHT = Real(0.0)  # a loss weight or margin: >= 0
+
+# What each field above may be: the one place a field's type and range are declared. Everything
+# else is derived from it (validation, --help, the model's settings); tests/test_validation.py
+# fails on a field without a rule or a rule without a field.
+RULES = {
+    # data
+    "dataset.name": OneOf(*_DATASETS, "synthetic"),
+    "dataset.format": OneOf("mmsa", "multibench"),
+    "dataset.path": Text(),
+    "dataset.cache_dir": Text(),
+    "dataset.nonfinite": OneOf("zero", "error"),
+    "dataset.rebuild_cache": Bool(),
+    "dataset.task": OneOf("regression", "binary"),
+    "dataset.synthetic.like": OneOf(*_DATASETS),
+    "dataset.synthetic.aligned": Bool(),
+    "dataset.synthetic.layout": OneOf("mmsa", "multibench"),
+    "dataset.synthetic.num_train": Int(1),
+    "dataset.synthetic.num_valid": Int(1),
+    "dataset.synthetic.num_test": Int(1),
+    "dataset.synthetic.seed": Int(0),
+    "dataset.synthetic.text_vocab_size": Int(128),
+    # model
+    "model.text_encoder": OneOf("features", "bert"),
+    "model.bert.path": Text(),
+    "model.bert.init": OneOf("checkpoint", "random"),
+    **{f"model.bert.random_arch.{n}": Int(1) for n in (
+        "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+        "max_positions", "type_vocab_size")},
+    "model.bert.random_arch.hidden_dropout": _RATE,
+    "model.bert.random_arch.attention_dropout": _RATE,
+    "model.arch": OneOf("dhmd", "mult"),
+    "model.use_fd": Bool(),
+    "model.use_ca": Bool(),
+    "model.use_gd": Bool(),
+    "model.use_dm": Bool(),
+    # >= 4: the sinusoid's frequencies divide by d // 2 - 1.
+    "model.d_model": Int(4),
+    "model.num_heads": Int(1),
+    "model.num_layers": Int(1),
+    "model.conv_kernel.text": Int(1),
+    "model.conv_kernel.vision": Int(1),
+    "model.conv_kernel.audio": Int(1),
+    **{f"model.{r}": _RATE for r in (
+        "text_dropout", "embed_dropout", "attn_dropout", "attn_dropout_a", "attn_dropout_v",
+        "relu_dropout", "res_dropout", "output_dropout")},
+    "model.causal_mask": Bool(),
+    "model.attention_query_block": Int(0),
+    "model.remat": Bool(),
+    "model.stack_compute": OneOf("auto", "vmap", "loop"),
+    "model.key_padding_mask": Bool(),
+    "model.homo_self_attention": Bool(),
+    "model.fusion": OneOf("code", "paper"),
+    "model.unused_reference_layers": Bool(),
+    # graph distillation
+    "gd.homo_hidden": Int(1),
+    "gd.hetero_hidden": Int(1),
+    "gd.edge_input": OneOf("embedded", "raw"),
+    "gd.temperature": Real(0.0, low_open=True),
+    "gd.prior": OneOf("code", "uniform", "none"),
+    "gd.reg_weight": _WEIGHT,
+    "gd.repr_weight": _WEIGHT,
+    "gd.hetero_repr_loss": Bool(),
+    "gd.homo_repr_loss": Bool(),
+    # dictionary matching
+    "dm.num_elements": Int(1),
+    "dm.score_scale": OneOf("none", "sqrt_dim"),
+    "dm.detach_input": Bool(),
+    "dm.margin": _WEIGHT,
+    # losses
+    "loss.task": OneOf("sum8", "final"),
+    "loss.recon_reduction": OneOf("mean", "frobenius"),
+    "loss.ort_mode": OneOf("torch19_batch_axis", "per_vector", "per_vector_hinge"),
+    "loss.margin_mode": OneOf("code", "paper"),
+    "loss.margin": _WEIGHT,
+    "loss.adaptive_margin_scale": _WEIGHT,
+    "loss.triplet_classes": OneOf("round7", "sign", "exact"),
+    "loss.lambda_dec": _WEIGHT,
+    "loss.lambda_dtl": _WEIGHT,
+    "loss.lambda_dic": _WEIGHT,
+    "loss.gamma": _WEIGHT,
+    # training
+    "train.seeds": Seeds(),
+    "train.batch_size": Int(1),
+    "train.learning_rate": Real(0.0, low_open=True),
+    "train.update_epochs": Int(1),
+    "train.grad_clip_value": Real(),
+    "train.accumulate": OneOf("vmap", "scan"),
+    "train.dropout_rng": OneOf("threefry", "rbg"),
+    "train.plateau_factor": Real(0.0, 1.0, low_open=True, high_closed=True),
+    "train.plateau_patience": Int(0),
+    "train.early_stop": Int(1),
+    "train.num_epochs": Int(1),
+    "train.steps_per_chunk": Int(0),
+    "train.eval_batch_size": Int(1),
+    "train.eval_test_every_epoch": Bool(),
+    "train.num_devices": Int(0),
+    "train.compilation_cache_dir": Text(),
+    "train.device_data_limit_bytes": Int(0),
+    # logging
+    "log.tensorboard": Bool(),
+    "log.progress_bar": Bool(),
+    "log.progress_interval_s": Real(0.0),
+}
 
 
 # Where the BERT variants of the dataset configs expect the checkpoint folder (README: BERT).

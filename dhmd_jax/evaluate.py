@@ -58,10 +58,10 @@ def run_config(workdir, *, given=None, explicit=()):
     raise train_lib.TrainingError(f"cannot read {path} ({error}); it is written by training "
                                   f"and should not be edited") from None
   config = ml_collections.ConfigDict(stored)
-  if given is None:
-    return validation.validate(config)
-  stored_flat = train_lib.flat_config(config)
-  given_flat = train_lib.flat_config(given)
+  if given is None:  # a field since removed from the schema is no typo in a stored config
+    return validation.validate(config, strict=False)
+  stored_flat = validation.flat_config(config)
+  given_flat = validation.flat_config(given)
   names = sorted(set(explicit) - {"<file>"})  # the fields set one by one are checked first
   if "<file>" in explicit:  # then every field of the named config file
     names += sorted(set(given_flat) - set(names))
@@ -77,7 +77,7 @@ def run_config(workdir, *, given=None, explicit=()):
           f"{name}={given_flat[name]!r} differs from the run in {workdir} "
           f"({stored_flat[name]!r}); evaluate and predict use the run's own config.json: "
           f"drop the override (or the --config file), or train a new run with it")
-  return validation.validate(config)
+  return validation.validate(config, strict=False)
 
 
 def restore_params(config, workdir, which="best"):

@@ -99,22 +99,6 @@ def seed_keys(seeds, dropout_rng="threefry"):
 # ----------------------------------------------------------------------------- bookkeeping
 
 
-def flat_config(config):
-  """{"train.learning_rate": 1e-4, ...}: every leaf field under its dotted name (tuples as lists,
-  as JSON stores them)."""
-  flat = {}
-
-  def walk(prefix, node):
-    for key, value in node.items():
-      name = f"{prefix}{key}"
-      if hasattr(value, "items"):
-        walk(name + ".", value)
-      else:
-        flat[name] = list(value) if isinstance(value, tuple) else value
-  walk("", config)
-  return flat
-
-
 def _resumable(name):
   return any(name == p or name.startswith(p + ".") for p in _RESUMABLE_CHANGES)
 
@@ -122,7 +106,7 @@ def _resumable(name):
 def config_fingerprint(config):
   """The fields a resumed run must share with the run that wrote the checkpoint."""
   return json.loads(json.dumps(
-      {k: v for k, v in flat_config(config).items() if not _resumable(k)}))
+      {k: v for k, v in validation.flat_config(config).items() if not _resumable(k)}))
 
 
 def config_conflicts(stored, current):
@@ -511,7 +495,8 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
       config_path = os.path.join(workdir, "config.json")
       if os.path.exists(config_path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
         with open(config_path) as f:  # fail before loading anything
-          _check_resumable(workdir, json.loads(json.dumps(flat_config(json.load(f)))), config)
+          stored = validation.flat_config(json.load(f))
+        _check_resumable(workdir, json.loads(json.dumps(stored)), config)
       run = _set_up(config, workdir, loss_weights)
       reporting.write_json(config_path, config.to_dict())
       ckpt = checkpoint.Checkpointer(workdir)

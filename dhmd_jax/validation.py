@@ -1,93 +1,161 @@
-"""`validate(config)`: every config value checked once, first, in every entry point.
+"""The config schema's rules, and `validate(config)`: every value checked once, first, in every
+entry point.
 
-The schema (the fields and what they mean) is `configs/default.py`; this module holds what each
-field may be. A bad value stops with one line naming the field, the value and what is allowed,
-before any data is loaded or any model is built (`--config.loss.margin_mode=papr` used to fail
-only when the train step was first traced). Fields a config does not have are skipped, so
-configs written for older versions validate too.
+The schema is `configs/default.py`: each field is declared there once, with its default and a
+comment, and its rule (type and allowed values) sits in the `RULES` table of the same file. This
+module holds the kinds of rule and everything derived from that table: `validate(config)`, the
+field descriptions of `--help` (`field_docs`, `describe`) and the dotted-field access used by the
+command lines, the grids and evaluation. A bad value stops with one line naming the field, the
+value and what is allowed, before any data is loaded or any model is built. Fields a config does
+not have are skipped, so configs written for older versions validate too; a field the schema
+does not know is refused (a typo in a config file), except in a run's stored config.json.
 """
 
+import dataclasses
 import difflib
+import functools
 import importlib.util
 import numbers
 import os
+import re
 import traceback
+from typing import Any, Optional
 
 import ml_collections
-
-from dhmd_jax.names import MODALITIES
 
 
 class ConfigError(ValueError):
   """A config value that cannot work; the message is one line."""
 
 
-# Fields with a fixed set of values.
-CHOICES = {
-    "dataset.name": ("mosi", "mosei", "sims", "urfunny", "mustard", "synthetic"),
-    "dataset.format": ("mmsa", "multibench"),
-    "dataset.nonfinite": ("zero", "error"),
-    "dataset.task": ("regression", "binary"),
-    "dataset.synthetic.like": ("mosi", "mosei", "sims", "urfunny", "mustard"),
-    "dataset.synthetic.layout": ("mmsa", "multibench"),
-    "model.text_encoder": ("features", "bert"),
-    "model.bert.init": ("checkpoint", "random"),
-    "model.arch": ("dhmd", "mult"),
-    "model.stack_compute": ("auto", "vmap", "loop"),
-    "model.fusion": ("code", "paper"),
-    "gd.edge_input": ("embedded", "raw"),
-    "gd.prior": ("code", "uniform", "none"),
-    "dm.score_scale": ("none", "sqrt_dim"),
-    "loss.task": ("sum8", "final"),
-    "loss.recon_reduction": ("mean", "frobenius"),
-    "loss.ort_mode": ("torch19_batch_axis", "per_vector", "per_vector_hinge"),
-    "loss.margin_mode": ("code", "paper"),
-    "loss.triplet_classes": ("round7", "sign", "exact"),
-    "train.accumulate": ("vmap", "scan"),
-    "train.dropout_rng": ("threefry", "rbg"),
-}
-
-BOOLS = (
-    "dataset.rebuild_cache", "dataset.synthetic.aligned", "model.use_fd", "model.use_ca",
-    "model.use_gd", "model.use_dm", "model.causal_mask", "model.remat", "model.key_padding_mask",
-    "model.homo_self_attention", "model.unused_reference_layers", "gd.hetero_repr_loss",
-    "gd.homo_repr_loss", "dm.detach_input", "train.eval_test_every_epoch", "log.tensorboard",
-    "log.progress_bar")
-
-# Integers with a lower bound.
-INTS = {
-    "dataset.synthetic.num_train": 1, "dataset.synthetic.num_valid": 1,
-    "dataset.synthetic.num_test": 1, "dataset.synthetic.seed": 0,
-    "dataset.synthetic.text_vocab_size": 128,
-    "model.d_model": 1, "model.num_heads": 1, "model.num_layers": 1,
-    "model.attention_query_block": 0,
-    **{f"model.conv_kernel.{m}": 1 for m in MODALITIES},
-    "gd.homo_hidden": 1, "gd.hetero_hidden": 1, "dm.num_elements": 1,
-    "train.batch_size": 1, "train.update_epochs": 1, "train.plateau_patience": 0,
-    "train.early_stop": 1, "train.num_epochs": 1, "train.steps_per_chunk": 0,
-    "train.eval_batch_size": 1, "train.num_devices": 0, "train.device_data_limit_bytes": 0,
-}
-
-# Real numbers in [low, high) (high None: unbounded); "open" makes the low end exclusive.
-REALS = {
-    **{f"model.{r}": (0.0, 1.0) for r in (
-        "text_dropout", "embed_dropout", "attn_dropout", "attn_dropout_a", "attn_dropout_v",
-        "relu_dropout", "res_dropout", "output_dropout")},
-    "gd.temperature": ("open", 0.0, None), "gd.reg_weight": (0.0, None),
-    "gd.repr_weight": (0.0, None), "dm.margin": (0.0, None),
-    "loss.margin": (0.0, None), "loss.adaptive_margin_scale": (0.0, None),
-    "loss.lambda_dec": (0.0, None), "loss.lambda_dtl": (0.0, None),
-    "loss.lambda_dic": (0.0, None), "loss.gamma": (0.0, None),
-    "train.learning_rate": ("open", 0.0, None), "train.grad_clip_value": (None, None),
-    "train.plateau_factor": ("open", 0.0, 1.0 + 1e-12), "log.progress_interval_s": (0.0, None),
-}
+# ----------------------------------------------------------------------------- kinds of rule
 
 
-def get_field(config, dotted):
-  """config["a"]["b"]["c"] for "a.b.c" (ConfigDicts and plain dicts alike)."""
+def _is_int(value):
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value):
+  return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class OneOf:
+  """A fixed set of values (strings)."""
+  choices: tuple
+
+  def __init__(self, *choices):
+    object.__setattr__(self, "choices", tuple(choices))
+
+  def ok(self, value):
+    return isinstance(value, str) and value in self.choices
+
+  def describe(self):
+    return "one of " + ", ".join(repr(c) for c in self.choices)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bool:
+  """True or False (not 0/1)."""
+
+  def ok(self, value):
+    return isinstance(value, bool)
+
+  def describe(self):
+    return "True or False"
+
+
+@dataclasses.dataclass(frozen=True)
+class Int:
+  """An integer >= low."""
+  low: int
+
+  def ok(self, value):
+    return _is_int(value) and value >= self.low
+
+  def describe(self):
+    return f"an integer >= {self.low}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Real:
+  """A number in [low, high), (low, high) with `low_open`, [low, high] with `high_closed`;
+  None leaves that end unbounded. Integers are numbers too."""
+  low: Optional[float] = None
+  high: Optional[float] = None
+  low_open: bool = False
+  high_closed: bool = False
+
+  def ok(self, value):
+    if not _is_real(value):
+      return False
+    if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+      return False
+    if self.high is not None and (value > self.high if self.high_closed else value >= self.high):
+      return False
+    return True
+
+  def describe(self):
+    parts = []
+    if self.low is not None:
+      parts.append(f"{'>' if self.low_open else '>='} {self.low}")
+    if self.high is not None:
+      parts.append(f"{'<=' if self.high_closed else '<'} {self.high}")
+    return "a number" + (" " + " and ".join(parts) if parts else "")
+
+
+@dataclasses.dataclass(frozen=True)
+class Text:
+  """Any string (paths; empty is allowed: each field's comment says what empty means)."""
+
+  def ok(self, value):
+    return isinstance(value, str)
+
+  def describe(self):
+    return "a string"
+
+
+@dataclasses.dataclass(frozen=True)
+class Seeds:
+  """A non-empty tuple of distinct integers."""
+
+  def ok(self, value):
+    value = tuple(value) if isinstance(value, (list, tuple)) else value
+    return (isinstance(value, tuple) and bool(value) and all(_is_int(s) for s in value)
+            and len(set(value)) == len(value))
+
+  def describe(self):
+    return "a non-empty tuple of distinct integers, e.g. (1111, 1112)"
+
+
+Rule = Any  # one of the classes above: .ok(value) -> bool, .describe() -> str
+
+
+@functools.cache
+def rules():
+  """{dotted field: rule} of every leaf field of the schema (`configs/default.py` RULES)."""
+  # pylint: disable=g-import-not-at-top
+  from configs import default  # imported here: configs/default.py imports this module
+  return dict(default.RULES)
+
+
+# ----------------------------------------------------------------------------- dotted fields
+
+
+_MISSING = object()
+
+
+def get_field(config, dotted, default=_MISSING):
+  """config["a"]["b"]["c"] for "a.b.c" (ConfigDicts and plain dicts alike); `default` when the
+  config has no such field (KeyError without one)."""
   node = config
   for part in dotted.split("."):
-    node = node[part]
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      if default is _MISSING:
+        raise KeyError(dotted) from None
+      return default
   return node
 
 
@@ -98,14 +166,113 @@ def set_field(config, dotted, value):
   node[leaf] = value
 
 
-def config_fields(config, prefix=""):
-  """{dotted name: value} of every field, nested ConfigDicts included (as fields too)."""
+def config_fields(config, prefix="", *, groups=True):
+  """{dotted name: value} of every field in declaration order, nested groups (ConfigDicts or
+  dicts) included as fields too unless `groups=False`."""
   out = {}
   for key, value in config.items():
-    out[prefix + key] = value
-    if isinstance(value, ml_collections.ConfigDict):
-      out.update(config_fields(value, prefix + key + "."))
+    is_group = hasattr(value, "items")
+    if groups or not is_group:
+      out[prefix + key] = value
+    if is_group:
+      out.update(config_fields(value, prefix + key + ".", groups=groups))
   return out
+
+
+def flat_config(config):
+  """{"train.learning_rate": 1e-4, ...}: every leaf under its dotted name, tuples as lists (as
+  JSON stores them), so a config and its config.json compare equal."""
+  return {k: list(v) if isinstance(v, tuple) else v
+          for k, v in config_fields(config, groups=False).items()}
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _fail(field, value, allowed):
+  raise ConfigError(f"config.{field} = {value!r} is invalid: expected {allowed}")
+
+
+def validate(config, *, strict=True):
+  """Checks every field of `config` against its rule; raises ConfigError (one line) on the
+  first bad one, or (with `strict`) on a field the schema does not declare.
+
+  Returns the config, so entry points can write `config = validate(config)`.
+  """
+  table = rules()
+  for field, value in config_fields(config, groups=False).items():
+    rule = table.get(field)
+    if rule is None:
+      if strict:
+        hint = did_you_mean(field, table) or "every field is declared in configs/default.py"
+        raise ConfigError(f"config.{field} is not a config field; {hint}")
+      continue
+    if not rule.ok(value):
+      _fail(field, value, rule.describe())
+  _check_cross_fields(config)
+  return config
+
+
+def describe(field):
+  """What `field` may be ("an integer >= 1"), or None for a field the schema does not declare."""
+  rule = rules().get(field)
+  return None if rule is None else rule.describe()
+
+
+def _check_cross_fields(config):
+  d = get_field(config, "model.d_model", None)
+  h = get_field(config, "model.num_heads", None)
+  if d is not None and h is not None and d % h:
+    _fail("model.d_model", d, f"a multiple of model.num_heads ({h})")
+  name = get_field(config, "dataset.name", None)
+  task = get_field(config, "dataset.task", None)
+  if name is not None and task is not None:
+    binary = name in ("urfunny", "mustard")
+    if name != "synthetic" and binary != (task == "binary"):
+      _fail("dataset.task", task, f"{'binary' if binary else 'regression'!r} for {name}")
+  encoder = get_field(config, "model.text_encoder", None)
+  init = get_field(config, "model.bert.init", None)
+  path = get_field(config, "model.bert.path", None)
+  if encoder == "bert" and init == "checkpoint" and path is not None and not path:
+    _fail("model.bert.path", path, "the folder of a Hugging Face BERT checkpoint (config.json "
+          "and model.safetensors), e.g. bert-base-uncased; see the README section on BERT")
+
+
+# ----------------------------------------------------------------------------- documentation
+
+
+@functools.cache
+def field_docs():
+  """{dotted field: its comment in configs/default.py, or ""}, in declaration order: the fields'
+  one description, shown by `--help`."""
+  # pylint: disable=g-import-not-at-top
+  from configs import default
+  docs, block, shared = {}, [], False
+  with open(default.__file__) as f:
+    for line in f:
+      text = line.strip()
+      if text == "return config":  # the end of get_config(): helpers below set fields too
+        break
+      if text.startswith("#"):
+        comment = text.lstrip("#").strip()
+        if shared:  # a new comment starts a new block
+          block, shared = [], False
+        if not comment.startswith("---"):  # section banners
+          block.append(comment)
+        continue
+      match = re.match(r"config\.([\w.]+)\s*=\s*(.*)", text)
+      if match:  # a block of comments describes every assignment up to a blank line
+        inline = match.group(2).split("  # ", 1)
+        own = inline[1].strip() if len(inline) == 2 else ""
+        own = [own[:1].upper() + own[1:] + "."] if own else []  # the field's own, first
+        docs[match.group(1)] = " ".join(own + block)
+        shared = True
+      elif not text:
+        block, shared = [], False
+  return docs
+
+
+# ----------------------------------------------------------------------------- config files
 
 
 CONFIG_HINT = ("pass --config=configs/<name>.py (mosei.py, mosi.py, sims.py, urfunny.py, "
@@ -154,96 +321,3 @@ def first_line(error):
   """The first non-empty line of an error's message, or its type's name."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[0] if lines else type(error).__name__
-
-
-def _lookup(config, dotted):
-  """(True, value) or (False, None) when the config has no such field."""
-  node = config
-  for part in dotted.split("."):
-    try:
-      node = node[part]
-    except (KeyError, TypeError, AttributeError):
-      return False, None
-  return True, node
-
-
-def _fail(field, value, allowed):
-  raise ConfigError(f"config.{field} = {value!r} is invalid: expected {allowed}")
-
-
-def _is_int(value):
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value):
-  return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _check_real(field, value, bounds):
-  if bounds[0] == "open":
-    _, low, high = bounds
-    ok_low = low is None or value > low
-    low_text = f"> {low}"
-  else:
-    low, high = bounds
-    ok_low = low is None or value >= low
-    low_text = f">= {low}"
-  ok_high = high is None or value < high
-  if not (_is_real(value) and ok_low and ok_high):
-    if high is None:
-      allowed = "a number" + ("" if low is None else f" {low_text}")
-    elif high > 1.0:  # (0, 1]
-      allowed = f"a number {low_text} and <= 1"
-    else:
-      allowed = f"a number {low_text} and < {high}"
-    _fail(field, value, allowed)
-
-
-def validate(config):
-  """Checks every known field of `config`; raises ConfigError (one line) on the first bad one.
-
-  Returns the config, so entry points can write `config = validate(config)`.
-  """
-  for field, choices in CHOICES.items():
-    present, value = _lookup(config, field)
-    if present and value not in choices:
-      _fail(field, value, "one of " + ", ".join(repr(c) for c in choices))
-  for field in BOOLS:
-    present, value = _lookup(config, field)
-    if present and not isinstance(value, bool):
-      _fail(field, value, "True or False")
-  for field, low in INTS.items():
-    present, value = _lookup(config, field)
-    if present and not (_is_int(value) and value >= low):
-      _fail(field, value, f"an integer >= {low}")
-  for field, bounds in REALS.items():
-    present, value = _lookup(config, field)
-    if present:
-      _check_real(field, value, bounds)
-  _check_cross_fields(config)
-  return config
-
-
-def _check_cross_fields(config):
-  present, seeds = _lookup(config, "train.seeds")
-  if present:
-    seeds = tuple(seeds) if isinstance(seeds, (list, tuple)) else seeds
-    if (not isinstance(seeds, tuple) or not seeds or not all(_is_int(s) for s in seeds)
-        or len(set(seeds)) != len(seeds)):
-      _fail("train.seeds", seeds, "a non-empty tuple of distinct integers, e.g. (1111, 1112)")
-  d_ok, d = _lookup(config, "model.d_model")
-  h_ok, h = _lookup(config, "model.num_heads")
-  if d_ok and h_ok and d % h:
-    _fail("model.d_model", d, f"a multiple of model.num_heads ({h})")
-  name_ok, name = _lookup(config, "dataset.name")
-  task_ok, task = _lookup(config, "dataset.task")
-  if name_ok and task_ok:
-    binary = name in ("urfunny", "mustard")
-    if name != "synthetic" and binary != (task == "binary"):
-      _fail("dataset.task", task, f"{'binary' if binary else 'regression'!r} for {name}")
-  enc_ok, encoder = _lookup(config, "model.text_encoder")
-  init_ok, init = _lookup(config, "model.bert.init")
-  path_ok, path = _lookup(config, "model.bert.path")
-  if enc_ok and encoder == "bert" and init_ok and init == "checkpoint" and path_ok and not path:
-    _fail("model.bert.path", path, "the folder of a Hugging Face BERT checkpoint (config.json "
-          "and model.safetensors), e.g. bert-base-uncased; see the README section on BERT")

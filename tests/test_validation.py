@@ -35,6 +35,64 @@ def test_every_shipped_config_is_valid():
     assert validation.validate(config) is config, name
 
 
+def test_every_field_has_a_rule_and_every_rule_a_field():
+  rules = validation.rules()
+  seen = set()
+  for name, config in _shipped_configs():
+    fields = set(validation.config_fields(config, groups=False))
+    assert not fields - set(rules), f"{name}: fields without a rule in configs/default.py RULES"
+    seen |= fields
+  assert not set(rules) - seen, "rules without a field in any shipped config"
+
+
+def test_every_field_is_documented():
+  docs = validation.field_docs()
+  for field in validation.rules():
+    group = field.rsplit(".", 1)[0]
+    assert docs.get(field) or docs.get(group), f"config.{field} has no comment in default.py"
+  # A comment describes the whole block of fields under it, and a field's own comment comes first.
+  assert docs["model.use_ca"] == docs["model.use_fd"] and "cross-modal" in docs["model.use_ca"]
+  assert docs["model.text_dropout"].startswith("On the text input features.")
+  # Only get_config() declares fields: the helpers after it set them, they do not document them.
+  assert docs["model.text_encoder"].startswith("Text input.")
+
+
+def test_a_field_the_schema_does_not_know_is_refused_with_a_suggestion():
+  config = tiny.get_config()
+  config.train.num_epoch = 5  # a typo in a config file: a new field, silently unused before
+  with pytest.raises(validation.ConfigError) as info:
+    validation.validate(config)
+  assert str(info.value) == ("config.train.num_epoch is not a config field; did you mean "
+                             "train.num_epochs?")
+  # A run's stored config.json may hold a field a later version removed: not a typo there.
+  assert validation.validate(config, strict=False) is config
+
+
+def test_the_model_takes_its_settings_from_the_config_groups():
+  # No hand-copied field list: every field of model/gd/dm reaches the model as the config has it.
+  from dhmd_jax.models import build_model  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.d_model = 12
+  config.gd.temperature = 3.5
+  settings = build_model(config, num_outputs=1).settings
+  for group in ("model", "gd", "dm"):
+    for field, value in validation.config_fields(config[group], groups=False).items():
+      assert validation.get_field(getattr(settings, group), field) == value, (group, field)
+  assert settings.conv_kernels == (5, 3, 1)
+  config.model.d_model = 3  # the model's own lower bound is the schema's: one rule
+  with pytest.raises(validation.ConfigError, match=r"model.d_model = 3 is invalid: expected an "
+                     r"integer >= 4"):
+    build_model(config, num_outputs=1)
+
+
+def test_describe_names_what_a_field_may_be():
+  assert validation.describe("model.fusion") == "one of 'code', 'paper'"
+  assert validation.describe("train.plateau_factor") == "a number > 0.0 and <= 1.0"
+  assert validation.describe("model.attn_dropout") == "a number >= 0.0 and < 1.0"
+  assert validation.describe("train.grad_clip_value") == "a number"
+  assert validation.describe("train.no_such_field") is None
+
+
 @pytest.mark.parametrize("field,value,expected", [
     ("loss.margin_mode", "papr", "one of 'code', 'paper'"),  # choices
     ("dataset.name", "mosei2", "one of 'mosi'"),
@@ -47,6 +105,10 @@ def test_every_shipped_config_is_valid():
     ("train.plateau_factor", 1.5, "<= 1"),
     ("train.seeds", (1111, 1111), "distinct integers"),  # cross-field rules
     ("model.d_model", 9, "a multiple of model.num_heads"),
+    ("model.d_model", 2, "an integer >= 4"),
+    ("dataset.path", 3, "a string"),
+    ("model.bert.random_arch.hidden_size", 0, "an integer >= 1"),
+    ("gd.temperature", 0, "a number > 0.0"),
 ])
 def test_a_bad_value_is_one_line_naming_field_value_and_allowed(field, value, expected):
   config = tiny.get_config().to_dict()  # plain dicts: ConfigDict's own type checks aside
@@ -74,7 +136,10 @@ def test_fields_a_config_lacks_are_skipped():
   config = tiny.get_config()
   config.unlock()
   del config.model["remat"]  # an older config
-  validation.validate(config)
+  assert validation.validate(config) is config
+  config.model.d_model = 0  # the fields it has are still checked
+  with pytest.raises(validation.ConfigError, match="model.d_model"):
+    validation.validate(config)
 
 
 def test_training_validates_before_touching_the_workdir(tmp_path):

@@ -292,8 +292,8 @@ def load_pretrained(settings, params: dict[str, Any]) -> dict[str, Any]:
   XLA would embed in the program (bert-base: 440 MB of HLO, hashed by the compilation cache).
   The callback has no batched operand, so vmap broadcasts one read to every seed.
   """
-  bert = settings.bert
-  if settings.text_encoder != "bert" or not bert.checkpoint:
+  bert = settings.bert  # None unless model.text_encoder="bert"
+  if bert is None or not bert.checkpoint:
     return params
   target = params["bert"]
   got = jax.tree.map(lambda x: tuple(x.shape), target)
@@ -314,7 +314,7 @@ def load_pretrained(settings, params: dict[str, Any]) -> dict[str, Any]:
 def check_dataset(settings, dataset):
   """Raises DataError when `dataset` cannot feed the model's BERT: a split without `text_bert`
   or token ids outside the checkpoint's vocabulary. No-op for `text_encoder="features"`."""
-  if settings.text_encoder != "bert":
+  if settings.bert is None:
     return
   vocab = settings.bert.vocab_size
   for name, split in dataset.splits.items():

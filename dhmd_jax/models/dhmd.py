@@ -1,7 +1,7 @@
 """The DHMD model: DMD's decoupling + two-branch distillation backbone + dictionary matching.
 
-Forward pass (modality order everywhere (L, V, A); see `shared/reference/dmd-reference-code.md`
-section 2 for the reference this follows layer for layer):
+Forward pass (modality order everywhere (L, V, A); it follows the
+DMD code layer for layer):
 
 1. dropout(text_dropout) on the text features; Conv1d C_m per modality (VALID, no bias)
    -> X~_m (B, T'_m, d). With `text_encoder="bert"` the text features are BERT's
@@ -44,7 +44,9 @@ from typing import Any, Mapping, Optional
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from dhmd_jax import validation
 from dhmd_jax.data import DataError
 from dhmd_jax.models import bert_weights
 from dhmd_jax.models.bert import BertEncoder
@@ -66,97 +68,38 @@ CROSS_SOURCES = {"l": ("a", "v"), "v": ("l", "a"), "a": ("l", "v")}
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-  """The hyperparameters the model reads, copied out of the config (hashable, static)."""
-  num_outputs: int
-  arch: str
-  use_fd: bool
-  use_ca: bool
-  use_gd: bool
-  use_dm: bool
-  d_model: int
-  num_heads: int
-  num_layers: int
-  conv_kernels: tuple  # (l, v, a)
-  text_dropout: float
-  embed_dropout: float
-  attn_dropout: float
-  attn_dropout_a: float
-  attn_dropout_v: float
-  relu_dropout: float
-  res_dropout: float
-  output_dropout: float
-  causal_mask: bool
-  attention_query_block: int
-  key_padding_mask: bool
-  homo_self_attention: bool
-  fusion: str
-  unused_reference_layers: bool
-  gd_homo_hidden: int
-  gd_hetero_hidden: int
-  gd_edge_input: str
-  gd_temperature: float
-  dm_num_elements: int
-  dm_score_scale: str
-  dm_detach_input: bool
-  remat: bool = False
-  stack_compute: str = "vmap"
-  text_encoder: str = "features"  # or "bert": text from BERT on `text_bert`
-  bert: Optional[BertSettings] = None  # with text_encoder="bert"
+  """What the model reads: the config's `model`, `gd` and `dm` groups as they are (frozen, so the
+  settings are hashable and static under jit; their fields and rules are those of the schema,
+  configs/default.py), the output width, and what is resolved from them."""
+  model: ml_collections.FrozenConfigDict
+  gd: ml_collections.FrozenConfigDict
+  dm: ml_collections.FrozenConfigDict
+  num_outputs: int  # 1 (regression) or 2 (binary logits)
+  stack_compute: str  # model.stack_compute with "auto" resolved: "vmap" or "loop"
+  bert: Optional[BertSettings] = None  # with model.text_encoder="bert": the BERT's architecture
 
   @classmethod
   def from_config(cls, config, num_outputs: int) -> "ModelSettings":
-    m, gd, dm = config.model, config.gd, config.dm
+    validation.validate(config, strict=False)  # entry points have refused unknown fields
+    if int(num_outputs) < 1:
+      raise ValueError(f"num_outputs (build_model argument) = {num_outputs!r} is invalid: "
+                       f"expected 1 (regression) or 2 (binary)")
+    m = config.model
     settings = cls(
-        num_outputs=int(num_outputs), arch=m.arch, use_fd=bool(m.use_fd),
-        use_ca=bool(m.use_ca), use_gd=bool(m.use_gd), use_dm=bool(m.use_dm),
-        d_model=int(m.d_model), num_heads=int(m.num_heads), num_layers=int(m.num_layers),
-        conv_kernels=(int(m.conv_kernel.text), int(m.conv_kernel.vision),
-                      int(m.conv_kernel.audio)),
-        text_dropout=float(m.text_dropout), embed_dropout=float(m.embed_dropout),
-        attn_dropout=float(m.attn_dropout), attn_dropout_a=float(m.attn_dropout_a),
-        attn_dropout_v=float(m.attn_dropout_v), relu_dropout=float(m.relu_dropout),
-        res_dropout=float(m.res_dropout), output_dropout=float(m.output_dropout),
-        causal_mask=bool(m.causal_mask),
-        attention_query_block=int(m.attention_query_block),
-        key_padding_mask=bool(m.key_padding_mask),
-        homo_self_attention=bool(m.homo_self_attention), fusion=m.fusion,
-        unused_reference_layers=bool(m.unused_reference_layers),
-        gd_homo_hidden=int(gd.homo_hidden), gd_hetero_hidden=int(gd.hetero_hidden),
-        gd_edge_input=gd.edge_input, gd_temperature=float(gd.temperature),
-        dm_num_elements=int(dm.num_elements), dm_score_scale=dm.score_scale,
-        dm_detach_input=bool(dm.detach_input), remat=bool(m.remat),
-        stack_compute=resolve_stack_compute(m.stack_compute, bool(m.remat)),
-        text_encoder=m.text_encoder)
-    settings.validate()
-    if settings.text_encoder == "bert":  # reads and checks the checkpoint folder's headers
+        model=ml_collections.FrozenConfigDict(m),
+        gd=ml_collections.FrozenConfigDict(config.gd),
+        dm=ml_collections.FrozenConfigDict(config.dm), num_outputs=int(num_outputs),
+        stack_compute=resolve_stack_compute(m.stack_compute, m.remat))
+    if m.text_encoder == "bert":  # reads and checks the checkpoint folder's headers
       settings = dataclasses.replace(settings, bert=bert_weights.settings_from_config(
-          m.bert, pooler=settings.unused_reference_layers))
+          m.bert, pooler=m.unused_reference_layers))
     return settings
 
-  def validate(self):
-    def bad(field, value, expected):
-      raise ValueError(f"config.{field} = {value!r} is invalid: expected {expected}.")
-    if self.arch not in ("dhmd", "mult"):
-      bad("model.arch", self.arch, "'dhmd' or 'mult'")
-    if self.fusion not in ("code", "paper"):
-      bad("model.fusion", self.fusion, "'code' or 'paper'")
-    if self.gd_edge_input not in ("embedded", "raw"):
-      bad("gd.edge_input", self.gd_edge_input, "'embedded' or 'raw'")
-    if self.dm_score_scale not in ("none", "sqrt_dim"):
-      bad("dm.score_scale", self.dm_score_scale, "'none' or 'sqrt_dim'")
-    if self.d_model < 4 or self.d_model % self.num_heads:
-      bad("model.d_model", self.d_model,
-          f"an integer >= 4 divisible by model.num_heads = {self.num_heads}")
-    if self.num_outputs < 1:
-      bad("num_outputs (build_model argument)", self.num_outputs, "1 (regression) or 2 (binary)")
-    if self.attention_query_block < 0:
-      bad("model.attention_query_block", self.attention_query_block, "0 (off) or a block size")
-    if self.stack_compute not in ("vmap", "loop"):
-      bad("model.stack_compute", self.stack_compute, "'auto', 'vmap' or 'loop'")
-    if min(self.conv_kernels) < 1:
-      bad("model.conv_kernel", self.conv_kernels, "kernel sizes >= 1")
-    if self.text_encoder not in ("features", "bert"):
-      bad("model.text_encoder", self.text_encoder, "'features' or 'bert'")
+  @property
+  def conv_kernels(self) -> tuple:
+    """The Conv1d kernel sizes in model order (l, v, a)."""
+    k = self.model.conv_kernel
+    return (k.text, k.vision, k.audio)
 
 
 def resolve_stack_compute(value: str, remat: bool = False) -> str:
@@ -227,17 +170,18 @@ class DHMD(nn.Module):
   settings: ModelSettings
 
   def _stack(self, name: str, attn_dropout, layers: int) -> TransformerStack:
-    s = self.settings
+    cfg = self.settings.model
     return TransformerStack(
-        num_heads=s.num_heads, num_layers=layers, attn_dropout=tuple(attn_dropout),
-        relu_dropout=s.relu_dropout, res_dropout=s.res_dropout, embed_dropout=s.embed_dropout,
-        causal_mask=s.causal_mask, query_block=s.attention_query_block, remat=s.remat,
-        compute=s.stack_compute, name=name)
+        num_heads=cfg.num_heads, num_layers=layers, attn_dropout=tuple(attn_dropout),
+        relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
+        embed_dropout=cfg.embed_dropout, causal_mask=cfg.causal_mask,
+        query_block=cfg.attention_query_block, remat=cfg.remat,
+        compute=self.settings.stack_compute, name=name)
 
   def _attn_dropout(self, source: str) -> float:
     """Attention dropout by SOURCE modality (`get_network` types l/al/vl, a/la/va, v/lv/av)."""
-    s = self.settings
-    return {"l": s.attn_dropout, "v": s.attn_dropout_v, "a": s.attn_dropout_a}[source]
+    cfg = self.settings.model
+    return {"l": cfg.attn_dropout, "v": cfg.attn_dropout_v, "a": cfg.attn_dropout_a}[source]
 
   @nn.compact
   def __call__(self, batch: Mapping[str, Any], *, deterministic: bool):
@@ -252,11 +196,11 @@ class DHMD(nn.Module):
     Returns:
       dict of outputs; keys of switched-off components are absent (see the README).
     """
-    s = self.settings
-    d, o = s.d_model, s.num_outputs
-    is_dhmd = s.arch == "dhmd"
+    s, cfg = self.settings, self.settings.model
+    d, o = cfg.d_model, s.num_outputs
+    is_dhmd = cfg.arch == "dhmd"
     text, text_mask = None, None
-    if s.text_encoder == "bert":
+    if cfg.text_encoder == "bert":
       if "text_bert" not in batch:
         raise DataError(
             f"config.model.text_encoder='bert' needs 'text_bert' token ids (B, 3, T) in the "
@@ -271,16 +215,16 @@ class DHMD(nn.Module):
     inputs, masks = _read_batch(batch, s.conv_kernels, text, text_mask)
 
     # ------------------------------------------------ 1. temporal Conv1d C_m
-    text = nn.Dropout(s.text_dropout)(inputs[0], deterministic=deterministic)
+    text = nn.Dropout(cfg.text_dropout)(inputs[0], deterministic=deterministic)
     proj = tuple(
         TemporalProjection(d, k, name=f"proj_{m}")(x)  # (B, T'_m, d)
         for m, k, x in zip(MODALITY_KEYS, s.conv_kernels, (text,) + inputs[1:]))
     frame_masks = tuple(conv_frame_mask(mk, k) for mk, k in zip(masks, s.conv_kernels))
-    key_masks = frame_masks if s.key_padding_mask else (None, None, None)
+    key_masks = frame_masks if cfg.key_padding_mask else (None, None, None)
     out = {"proj": proj}
 
     # ------------------------------------------------ 2. feature decoupling (Eq. 1-3)
-    if is_dhmd and s.use_fd:
+    if is_dhmd and cfg.use_fd:
       dec = FeatureDecoupling(d, name="decoupling")(proj)
       shared, private = dec.shared, dec.private
       out.update(shared=dec.shared, private=dec.private, recon=dec.recon,
@@ -290,7 +234,7 @@ class DHMD(nn.Module):
           torch_linear(d, c.shape[1] * d, name=f"align_c_{m}")(_flatten(c.transpose(0, 2, 1)))
           for m, c in zip(MODALITY_KEYS, shared)]
       out["margin_features"] = jnp.stack(margin, axis=1)  # (B, 3, d), input of L_mar (Eq. 4)
-      if s.unused_reference_layers:
+      if cfg.unused_reference_layers:
         # proj_cosine_m of the reference: built (same parameter count), output used by nothing.
         for m, p in zip(MODALITY_KEYS, private):
           torch_linear(d, p.shape[1] * d, name=f"proj_cosine_{m}")(_flatten(p))
@@ -300,19 +244,20 @@ class DHMD(nn.Module):
     # ------------------------------------------------ 3. homogeneous branch
     if is_dhmd:
       homo = [
-          ResidualHead(d, o, s.output_dropout, name=f"homo_head_{m}")(
+          ResidualHead(d, o, cfg.output_dropout, name=f"homo_head_{m}")(
               _flatten(c), deterministic=deterministic)
           for m, c in zip(MODALITY_KEYS, shared)]
       out["logits_homo"] = jnp.stack([h[0] for h in homo])  # (3, B, O)
       out["repr_homo"] = jnp.stack([h[1] for h in homo])  # (3, B, d), post-ReLU r
-      if s.homo_self_attention:
+      if cfg.homo_self_attention:
         attended = self._stack(  # three self-attention transformers on c_m, as one
-            "self_attentions_c", [self._attn_dropout(m) for m in MODALITY_KEYS], s.num_layers)(
-                list(shared), key_masks=list(key_masks) if s.key_padding_mask else None,
+            "self_attentions_c", [self._attn_dropout(m) for m in MODALITY_KEYS],
+            cfg.num_layers)(
+                list(shared), key_masks=list(key_masks) if cfg.key_padding_mask else None,
                 deterministic=deterministic)  # 3 x (B, T'_m, d)
         c_fusion = jnp.concatenate(
             [_last_step(a, km) for a, km in zip(attended, key_masks)], axis=-1)  # (B, 3d)
-        out["logits_c"] = ResidualHead(3 * d, o, s.output_dropout, name="head_c")(
+        out["logits_c"] = ResidualHead(3 * d, o, cfg.output_dropout, name="head_c")(
             c_fusion, deterministic=deterministic)[0]  # (B, O)
       else:
         c_fusion = jnp.concatenate(
@@ -321,14 +266,16 @@ class DHMD(nn.Module):
     # ------------------------------------------------ 4. heterogeneous branch (Eq. 10)
     by_key = dict(zip(MODALITY_KEYS, private))
     mask_by_key = dict(zip(MODALITY_KEYS, key_masks))
-    if s.use_ca:
+    if cfg.use_ca:
       # The six cross-modal transformers (query m, key/value src) as one stack, in the order
       # l<-a, l<-v, v<-l, v<-a, a<-l, a<-v; attention dropout by the SOURCE modality.
       pairs = [(m, src) for m in MODALITY_KEYS for src in CROSS_SOURCES[m]]
       crossed = self._stack(
-          "cross_transformers", [self._attn_dropout(src) for _, src in pairs], s.num_layers)(
+          "cross_transformers", [self._attn_dropout(src) for _, src in pairs],
+          cfg.num_layers)(
               [by_key[m] for m, _ in pairs], [by_key[src] for _, src in pairs],
-              key_masks=[mask_by_key[src] for _, src in pairs] if s.key_padding_mask else None,
+              key_masks=([mask_by_key[src] for _, src in pairs] if cfg.key_padding_mask
+                         else None),
               deterministic=deterministic)  # 6 x (B, T'_m, d)
       z = [jnp.concatenate(crossed[2 * i:2 * i + 2], axis=-1)
            for i in range(3)]  # 3 x (B, T'_m, 2d)
@@ -336,36 +283,36 @@ class DHMD(nn.Module):
       z = [torch_linear(2 * d, d, name=f"proj_{m}_2d")(by_key[m])  # (B, T'_m, 2d), no CA
            for m in MODALITY_KEYS]
     memory = self._stack(  # the three 2d "memory" transformers, as one
-        "memory_transformers", [s.attn_dropout] * 3, max(s.num_layers, 3))(
-            z, key_masks=list(key_masks) if s.key_padding_mask else None,
+        "memory_transformers", [cfg.attn_dropout] * 3, max(cfg.num_layers, 3))(
+            z, key_masks=list(key_masks) if cfg.key_padding_mask else None,
             deterministic=deterministic)  # 3 x (B, T'_m, 2d)
     last_h = [_last_step(seq, km) for seq, km in zip(memory, key_masks)]  # 3 x (B, 2d)
-    hetero = [ResidualHead(2 * d, o, s.output_dropout, name=f"hetero_head_{m}")(
+    hetero = [ResidualHead(2 * d, o, cfg.output_dropout, name=f"hetero_head_{m}")(
                   h, deterministic=deterministic) for m, h in zip(MODALITY_KEYS, last_h)]
     out["logits_hetero"] = jnp.stack([h[0] for h in hetero])  # (3, B, O)
     out["repr_hetero"] = jnp.stack([h[2] for h in hetero])  # (3, B, 2d), post-residual
 
     # ------------------------------------------------ 5. GD-Units (Eq. 8)
-    if s.use_gd:
-      units = [("hetero", s.gd_hetero_hidden)]
+    if cfg.use_gd:
+      units = [("hetero", s.gd.hetero_hidden)]
       if is_dhmd:
-        units.insert(0, ("homo", s.gd_homo_hidden))
+        units.insert(0, ("homo", s.gd.homo_hidden))
       for space, hidden in units:
-        w, e = GDUnit(hidden, s.gd_edge_input, s.gd_temperature, name=f"gd_{space}")(
+        w, e = GDUnit(hidden, s.gd.edge_input, s.gd.temperature, name=f"gd_{space}")(
             out[f"logits_{space}"], out[f"repr_{space}"])
         out[f"gd_{space}_edges"] = w  # (B, 6)
         out[f"gd_{space}_edge_logits"] = e  # (B, 6)
 
     # ------------------------------------------------ 6. dictionary matching (Eq. 11-12)
-    dm_masks = frame_masks if s.key_padding_mask else None
+    dm_masks = frame_masks if cfg.key_padding_mask else None
     dm_parts = []
-    if s.use_dm:
+    if cfg.use_dm:
       spaces = [("hetero", memory)]
       if is_dhmd:
         spaces.append(("homo", shared))
       for space, seqs in spaces:
         alpha, recon = DictionaryMatching(
-            s.dm_num_elements, s.dm_score_scale, s.dm_detach_input, name=f"dm_{space}")(
+            s.dm.num_elements, s.dm.score_scale, s.dm.detach_input, name=f"dm_{space}")(
                 seqs, dm_masks)
         out[f"dm_{space}_weights"] = alpha  # (B, 3, K)
         out[f"dm_{space}_recon"] = recon  # (B, 3, C)
@@ -374,14 +321,14 @@ class DHMD(nn.Module):
     # ------------------------------------------------ 7. fusion and final head
     if not is_dhmd:
       features = last_h  # MulT: plain concatenation
-    elif s.fusion == "code":
+    elif cfg.fusion == "code":
       features = [jax.nn.sigmoid(torch_linear(2 * d, 2 * d, name=f"weight_{m}")(h))
                   for m, h in zip(MODALITY_KEYS, last_h)]
       features.append(jax.nn.sigmoid(torch_linear(3 * d, 3 * d, name="weight_c")(c_fusion)))
     else:
       features = last_h + [c_fusion]  # paper: GD-reinforced features, no gates
     z = jnp.concatenate(features + dm_parts, axis=-1)  # (B, 9d [+ 9d]) or MulT (B, 6d [+ 6d])
-    out["prediction"] = ResidualHead(z.shape[-1], o, s.output_dropout, name="fusion_head")(
+    out["prediction"] = ResidualHead(z.shape[-1], o, cfg.output_dropout, name="fusion_head")(
         z, deterministic=deterministic)[0]  # (B, O)
     return out
 

@@ -56,7 +56,7 @@ class DictionaryMatching(nn.Module):
     c = sequences[0].shape[-1]
     dictionary = self.param("dictionary", nn.initializers.xavier_normal(),
                             (self.num_elements, c))  # (K, C)
-    # "none" or "sqrt_dim" (validated once, in validation.py and ModelSettings).
+    # "none" or "sqrt_dim" (validated once, against configs/default.py RULES).
     scale = 1.0 / math.sqrt(c) if self.score_scale == "sqrt_dim" else 1.0
     pooled = []
     for idx, z in enumerate(sequences):

@@ -96,7 +96,7 @@ class GDUnit(nn.Module):
                              w_repr(reprs, with_bias=with_bias)], axis=-1)  # (3, B, 2g)
         return jnp.stack([jnp.concatenate([z[j], z[i]], axis=-1)  # [z_j, z_i], as coded
                           for j, i in EDGES], axis=1)  # (B, 6, 4g)
-    else:  # "raw" (the config is validated once, in validation.py and ModelSettings)
+    else:  # "raw" (the config is validated once, against configs/default.py RULES)
       x = jnp.concatenate([logits, reprs], axis=-1)  # (3, B, O + H): [f(X_m), X_m]
       stacked = jnp.stack([jnp.concatenate([x[i], x[j]], axis=-1)  # Eq. 8: [i, j]
                            for j, i in EDGES], axis=1)  # (B, 6, 2(O + H))
