@@ -1,18 +1,17 @@
 """Statistics over seeds for result tables: mean ± std, and paired comparisons with a reference.
 
-Pure functions of per-seed values (NumPy and the standard library only; no SciPy, no JAX):
+Pure functions of per-seed values (NumPy and `scipy.stats`; no JAX):
 
 * `summarize(values)`: mean, sample std (ddof=1) and n of one variant's per-seed values.
 * `paired_t(values, reference)`: the paired difference d_i = values_i - reference_i over seeds
   (seed i of the variant against seed i of the reference), its mean, the 95% confidence interval
-  mean(d) ± t_{0.975, n-1} · sd(d)/√n and the two-sided paired t-test p-value (scipy's
-  `ttest_rel`).
+  mean(d) ± t_{0.975, n-1} · sd(d)/√n and the two-sided p-value of `scipy.stats.ttest_rel`.
 * `paired_bootstrap_ci(...)`: the percentile bootstrap interval of mean(d), resampling seeds
   (pairs) with replacement; exact (every one of the n^n resamples, by multiset enumeration) for
-  n <= 10, else Monte-Carlo from a seeded generator.
+  n <= 10, else `scipy.stats.bootstrap(method="percentile")` from a seeded generator.
 * `sign_flip_p(...)`: the two-sided permutation p-value of mean(d) under random sign flips of
-  the differences (scipy's `permutation_test(permutation_type="samples")` on paired data): exact
-  over all 2^n sign patterns for n <= 16, else Monte-Carlo from a seeded generator.
+  the differences, `scipy.stats.permutation_test(permutation_type="samples")`: exact over all
+  2^n sign patterns for n <= 16, else Monte-Carlo from a seeded generator.
 * `compare(values, reference)`: all three, plus a "significant at alpha" flag from the chosen
   test and a note for the degenerate cases.
 * `comparison_rows(table, reference)`: a {variant: {metric: [per-seed values]}} table -> one row
@@ -25,9 +24,9 @@ difference with zero variance gives t = ±inf and p = 0 (as scipy), flagged in t
 the t-test is then degenerate (compare the sign-flip p, at least 2/2^n). Pairs where either value
 is NaN (e.g. Corr of constant predictions) are dropped, and the note says how many.
 
-The Student t distribution (CDF and quantile) is computed here in float64 from the regularised
-incomplete beta function (continued fraction, Numerical Recipes `betacf`), so that the library
-needs no SciPy at run time; `tests/test_stats.py` checks it against `scipy.stats.t`.
+Hand-written because SciPy lacks it: the exact bootstrap (`scipy.stats.bootstrap` only samples;
+5 seeds have just 126 distinct resamples), enumerated here as weighted multisets whose
+percentiles `scipy.stats.quantile(weights=...)` takes (SciPy >= 1.17).
 """
 
 from __future__ import annotations
@@ -39,6 +38,7 @@ import io
 import itertools
 import math
 from typing import Iterable, Mapping, Optional, Sequence
+import warnings
 
 import numpy as np
 
@@ -49,104 +49,11 @@ EXACT_BOOTSTRAP_MAX_N = 10  # C(2n-1, n) = 92,378 distinct resamples at n = 10
 EXACT_PERMUTATION_MAX_N = 16  # 2^16 = 65,536 sign patterns
 
 
-# ----------------------------------------------------------------------------- t distribution
-
-
-def _betacf(a: float, b: float, x: float) -> float:
-  """Continued fraction of the incomplete beta function (modified Lentz), x < (a+1)/(a+b+2)."""
-  tiny = 1e-300
-  qab, qap, qam = a + b, a + 1.0, a - 1.0
-  c, d = 1.0, 1.0 - qab * x / qap
-  d = 1.0 / (d if abs(d) > tiny else tiny)
-  h = d
-  for m in range(1, 10001):
-    m2 = 2 * m
-    aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-    d = 1.0 + aa * d
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    c = 1.0 + aa / c
-    c = c if abs(c) > tiny else tiny
-    h *= d * c
-    aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-    d = 1.0 + aa * d
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    c = 1.0 + aa / c
-    c = c if abs(c) > tiny else tiny
-    delta = d * c
-    h *= delta
-    if abs(delta - 1.0) < 1e-16:
-      return h
-  raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, "
-                        f"x={x})")
-
-
-def betainc(a: float, b: float, x: float) -> float:
-  """Regularised incomplete beta function I_x(a, b) for a, b > 0 and 0 <= x <= 1 (float64)."""
-  if not (a > 0 and b > 0):
-    raise ValueError(f"betainc needs a > 0 and b > 0, got a={a}, b={b}")
-  if not 0.0 <= x <= 1.0:
-    raise ValueError(f"betainc needs 0 <= x <= 1, got {x}")
-  if x == 0.0 or x == 1.0:
-    return x
-  log_front = (math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x)
-               + b * math.log1p(-x))
-  if x < (a + 1.0) / (a + b + 2.0):
-    return math.exp(log_front) * _betacf(a, b, x) / a
-  return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
-
-
-def t_sf(t: float, df: float) -> float:
-  """P(T > t) for Student's t with `df` degrees of freedom."""
-  if math.isnan(t) or not df > 0:
-    return math.nan
-  if math.isinf(t):
-    return 0.0 if t > 0 else 1.0
-  tail = 0.5 * betainc(df / 2.0, 0.5, df / (df + t * t))  # P(T > |t|)
-  return tail if t >= 0 else 1.0 - tail
-
-
-def t_cdf(t: float, df: float) -> float:
-  """P(T <= t) for Student's t with `df` degrees of freedom."""
-  return 1.0 - t_sf(t, df) if t >= 0 or math.isnan(t) else t_sf(-t, df)
-
-
-def t_two_sided_p(t: float, df: float) -> float:
-  """P(|T| >= |t|), the two-sided p-value of a t statistic."""
-  if math.isnan(t) or not df > 0:
-    return math.nan
-  if math.isinf(t):
-    return 0.0
-  return betainc(df / 2.0, 0.5, df / (df + t * t))
-
-
-def t_ppf(q: float, df: float) -> float:
-  """The q-quantile of Student's t with `df` degrees of freedom (inverse of `t_cdf`)."""
-  if not 0.0 < q < 1.0 or not df > 0:
-    if q in (0.0, 1.0) and df > 0:
-      return -math.inf if q == 0.0 else math.inf
-    return math.nan
-  if q == 0.5:
-    return 0.0
-  if q < 0.5:
-    return -t_ppf(1.0 - q, df)
-  if df == 1:
-    return math.tan(math.pi * (q - 0.5))
-  if df == 2:
-    return (2.0 * q - 1.0) / math.sqrt(2.0 * q * (1.0 - q))
-  # Bracket, then bisect on the upper tail (sf decreases in t); 200 halvings reach float64.
-  target = 1.0 - q
-  lo, hi = 0.0, 1.0
-  while t_sf(hi, df) > target:
-    lo, hi = hi, 2.0 * hi
-  for _ in range(200):
-    mid = 0.5 * (lo + hi)
-    if mid in (lo, hi):
-      break
-    if t_sf(mid, df) > target:
-      lo = mid
-    else:
-      hi = mid
-  return 0.5 * (lo + hi)
+def _scipy_stats():
+  """scipy.stats, imported at first use: it takes about a second to import, and the grid
+  commands import this module at start, to answer a mistake on their command line at once."""
+  from scipy import stats  # pylint: disable=g-import-not-at-top
+  return stats
 
 
 # ----------------------------------------------------------------------------- one variant
@@ -180,14 +87,20 @@ def summarize(values: Sequence[float]) -> Summary:
 # ----------------------------------------------------------------------------- paired tests
 
 
-def paired_differences(values: Sequence[float], reference: Sequence[float]):
-  """(d, dropped): d_i = values_i - reference_i over the pairs where both are finite."""
+def _pairs(values, reference):
+  """(x, r, dropped): the pairs of per-seed values where both are finite."""
   x, r = _as_1d(values, "values"), _as_1d(reference, "reference")
   if x.shape != r.shape:
     raise ValueError(f"paired comparison needs one value per seed on both sides, got "
                      f"{x.size} values and {r.size} reference values")
   keep = np.isfinite(x) & np.isfinite(r)
-  return x[keep] - r[keep], int((~keep).sum())
+  return x[keep], r[keep], int((~keep).sum())
+
+
+def paired_differences(values: Sequence[float], reference: Sequence[float]):
+  """(d, dropped): d_i = values_i - reference_i over the pairs where both are finite."""
+  x, r, dropped = _pairs(values, reference)
+  return x - r, dropped
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,22 +118,21 @@ class TTest:
 
 def paired_t(values, reference, *, confidence: float = 0.95) -> TTest:
   """Paired two-sided t-test and t confidence interval of the mean difference (values - ref)."""
-  d, _ = paired_differences(values, reference)
-  n = int(d.size)
+  x, r, _ = _pairs(values, reference)
+  n = int(x.size)
   if n < 2:
-    mean = float(d.mean()) if n else math.nan
+    mean = float(np.mean(x - r)) if n else math.nan
     return TTest(n, mean, math.nan, math.nan, max(n - 1, 0), math.nan, math.nan, math.nan)
-  mean, sd = float(d.mean()), float(d.std(ddof=1))
-  se = sd / math.sqrt(n)
-  df = n - 1
-  if se == 0.0:
-    # As scipy: t = ±inf and p = 0 for a constant nonzero difference, NaN for no difference.
-    t = math.copysign(math.inf, mean) if mean != 0.0 else math.nan
-    p = 0.0 if mean != 0.0 else math.nan
-    return TTest(n, mean, sd, t, df, mean, mean, p)
-  t = mean / se
-  half = t_ppf(0.5 + confidence / 2.0, df) * se
-  return TTest(n, mean, sd, t, df, mean - half, mean + half, t_two_sided_p(t, df))
+  # A constant difference (zero variance) makes scipy warn (precision loss, division by zero);
+  # it gives t = ±inf and p = 0 (NaN for no difference) and the interval [mean, mean], and
+  # `compare` notes it instead.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", RuntimeWarning)
+    result = _scipy_stats().ttest_rel(x, r)
+    ci = result.confidence_interval(confidence_level=confidence)
+  d = x - r
+  return TTest(n, float(d.mean()), float(d.std(ddof=1)), float(result.statistic),
+               int(result.df), float(ci.low), float(ci.high), float(result.pvalue))
 
 
 @functools.lru_cache(maxsize=None)
@@ -235,27 +147,14 @@ def _bootstrap_multisets(n: int):
   return counts, multiplicity
 
 
-def _expanded_percentile(values, weights, q):
-  """np.percentile(np.repeat(values, weights), 100 q) (linear interpolation) without expanding."""
-  order = np.argsort(values, kind="stable")
-  v, cum = values[order], np.cumsum(weights[order])
-  total = int(cum[-1])
-  h = (total - 1) * q
-  lo = int(math.floor(h))
-  hi = min(lo + 1, total - 1)
-  v_lo = v[np.searchsorted(cum, lo, side="right")]  # value at 0-based rank lo
-  v_hi = v[np.searchsorted(cum, hi, side="right")]
-  return float(v_lo + (h - lo) * (v_hi - v_lo))
-
-
 def paired_bootstrap_ci(values, reference, *, confidence: float = 0.95,
                         n_resamples: int = 10000, seed: int = 0, method: str = "auto"):
   """Percentile bootstrap CI (low, high) of mean(values - reference), resampling seed pairs.
 
   method: "exact" enumerates all n^n resamples (as multisets with their multiplicities), "mc"
-  draws `n_resamples` from `np.random.default_rng(seed)`, "auto" is exact for n <= 10. The
-  percentiles are numpy's (linear interpolation), as `scipy.stats.bootstrap(method="percentile")`.
-  (NaN, NaN) for n < 2.
+  is `scipy.stats.bootstrap(method="percentile")` with `n_resamples` from
+  `np.random.default_rng(seed)`, "auto" is exact for n <= 10. Both take the percentiles with
+  linear interpolation (numpy's default). (NaN, NaN) for n < 2.
   """
   d, _ = paired_differences(values, reference)
   n = int(d.size)
@@ -266,13 +165,14 @@ def paired_bootstrap_ci(values, reference, *, confidence: float = 0.95,
   alpha = 1.0 - confidence
   if method == "exact" or (method == "auto" and n <= EXACT_BOOTSTRAP_MAX_N):
     counts, multiplicity = _bootstrap_multisets(n)
-    means = counts @ d / n
-    return (_expanded_percentile(means, multiplicity, alpha / 2),
-            _expanded_percentile(means, multiplicity, 1 - alpha / 2))
-  rng = np.random.default_rng(seed)
-  means = d[rng.integers(0, n, size=(n_resamples, n))].mean(axis=1)
-  return (float(np.percentile(means, 100 * alpha / 2)),
-          float(np.percentile(means, 100 * (1 - alpha / 2))))
+    means = counts @ d / n  # (M,) the mean of each distinct resample
+    low, high = _scipy_stats().quantile(means, [alpha / 2, 1 - alpha / 2], weights=multiplicity)
+    return float(low), float(high)
+  # Resampling d is resampling the pairs; scipy draws rng.integers(0, n, (n_resamples, n)).
+  ci = _scipy_stats().bootstrap(
+      (d,), np.mean, n_resamples=n_resamples, confidence_level=confidence, method="percentile",
+      vectorized=True, rng=np.random.default_rng(seed)).confidence_interval
+  return float(ci.low), float(ci.high)
 
 
 def sign_flip_p(values, reference, *, n_resamples: int = 9999, seed: int = 0,
@@ -280,10 +180,12 @@ def sign_flip_p(values, reference, *, n_resamples: int = 9999, seed: int = 0,
   """Two-sided sign-flip permutation p-value of mean(values - reference).
 
   Under the null the two variants are exchangeable within a seed, so each difference's sign is
-  a fair coin. method: "exact" over all 2^n sign patterns, "mc" with `n_resamples` random
-  patterns from `np.random.default_rng(seed)` (p = (count + 1) / (n_resamples + 1)), "auto" is
-  exact for n <= 16. Ties within 100 ulps of |observed| count as extreme (as scipy). NaN for
-  n < 2; 1.0 when every difference is 0.
+  a fair coin: `scipy.stats.permutation_test` of the differences alone with
+  `permutation_type="samples"` flips their signs. method: "exact" over all 2^n sign patterns,
+  "mc" with `n_resamples` random patterns from `np.random.default_rng(seed)`
+  (p = 2 min(#{T <= t} + 1, #{T >= t} + 1) / (n_resamples + 1), at most 1), "auto" is exact
+  for n <= 16 (scipy alone would sample once 2^n exceeds `n_resamples`). Ties within 100 ulps
+  of the observed mean count as extreme. NaN for n < 2; 1.0 when every difference is 0.
   """
   d, _ = paired_differences(values, reference)
   n = int(d.size)
@@ -291,16 +193,12 @@ def sign_flip_p(values, reference, *, n_resamples: int = 9999, seed: int = 0,
     return math.nan
   if method not in ("auto", "exact", "mc"):
     raise ValueError(f"permutation method must be 'auto', 'exact' or 'mc', got {method!r}")
-  observed = abs(float(d.mean()))
-  gamma = 100 * np.finfo(np.float64).eps * observed
-  if method == "exact" or (method == "auto" and n <= EXACT_PERMUTATION_MAX_N):
-    patterns = np.arange(2**n)[:, None] >> np.arange(n)[None, :] & 1  # (2^n, n) bits
-    null = np.abs(np.where(patterns == 1, -d, d).mean(axis=1))
-    return float(np.mean(null >= observed - gamma))
-  rng = np.random.default_rng(seed)
-  signs = rng.choice(np.array([-1.0, 1.0]), size=(n_resamples, n))
-  null = np.abs((signs * d).mean(axis=1))
-  return float((np.sum(null >= observed - gamma) + 1) / (n_resamples + 1))
+  exact = method == "exact" or (method == "auto" and n <= EXACT_PERMUTATION_MAX_N)
+  result = _scipy_stats().permutation_test(
+      (d,), np.mean, permutation_type="samples", vectorized=True,
+      n_resamples=math.inf if exact else n_resamples, alternative="two-sided",
+      rng=np.random.default_rng(seed))
+  return float(result.pvalue)
 
 
 # ----------------------------------------------------------------------------- one comparison

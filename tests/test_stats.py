@@ -1,14 +1,20 @@
-"""dhmd_jax.stats against scipy.stats on fixed inputs, brute-force enumerations, and edge cases."""
+"""dhmd_jax.stats against closed forms of the t distribution, brute-force enumerations, scipy.stats
+on fixed inputs, and edge cases. (tests/test_stats_golden.py: grid reports unchanged.)"""
 
 import io
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
 from dhmd_jax import stats
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Five seeds of two variants (per-seed values paired by position), as a results table holds them.
 REF = np.array([87.50, 86.72, 85.16, 88.10, 86.90])
@@ -18,24 +24,47 @@ VAR = np.array([86.10, 85.90, 84.00, 87.70, 85.20])
 # ----------------------------------------------------------------------------- t distribution
 
 
-@pytest.mark.parametrize("df", [1, 2, 3, 4, 7, 29, 150, 2.5])
-def test_t_distribution_matches_scipy(df):
-  for t in [-40.0, -6.3, -2.0, -0.3, 0.0, 0.7, 1.96, 4.5, 25.0, 1e3]:
-    np.testing.assert_allclose(stats.t_cdf(t, df), sps.t.cdf(t, df), rtol=1e-10, atol=1e-300)
-    np.testing.assert_allclose(stats.t_sf(t, df), sps.t.sf(t, df), rtol=1e-10, atol=1e-300)
-    np.testing.assert_allclose(stats.t_two_sided_p(t, df), 2 * sps.t.sf(abs(t), df),
-                               rtol=1e-10, atol=1e-300)
-  for q in [0.5, 0.6, 0.9, 0.975, 0.995, 0.9995, 0.025, 1e-6]:
-    np.testing.assert_allclose(stats.t_ppf(q, df), sps.t.ppf(q, df), rtol=1e-9, atol=1e-12)
+@pytest.mark.parametrize("d", [[0.8, 0.3], [-2.0, 0.5], [0.1, 0.1 + 1e-6], [3.0, -2.9]])
+def test_paired_t_df_1_matches_the_cauchy_closed_form(d):
+  """n = 2 pairs: t has 1 degree of freedom (Cauchy), P(|T| >= t) = 2 atan(1/t)/pi (t > 0) and
+  t_0.975 = tan(0.475 pi); independent of SciPy's special functions."""
+  ours = stats.paired_t(d, [0.0, 0.0])
+  mean, se = np.mean(d), np.std(d, ddof=1) / math.sqrt(2)
+  t = mean / se
+  np.testing.assert_allclose(ours.t, t, rtol=1e-12)
+  np.testing.assert_allclose(ours.p, 2 * math.atan(1 / abs(t)) / math.pi, rtol=1e-9)
+  half = math.tan(0.475 * math.pi) * se
+  np.testing.assert_allclose([ours.ci_low, ours.ci_high], [mean - half, mean + half],
+                             rtol=1e-9, atol=1e-15)
 
 
-def test_betainc_matches_scipy():
-  from scipy import special
-  for a, b, x in [(0.5, 0.5, 0.3), (2.0, 0.5, 0.999), (14.5, 0.5, 0.01), (3.0, 7.0, 0.3),
-                  (100.0, 0.5, 0.97), (1.0, 1.0, 0.42)]:
-    np.testing.assert_allclose(stats.betainc(a, b, x), special.betainc(a, b, x), rtol=1e-11)
-  with pytest.raises(ValueError, match="0 <= x <= 1"):
-    stats.betainc(1.0, 1.0, 1.5)
+@pytest.mark.parametrize("d", [[0.8, 0.3, 0.5], [-2.0, 0.5, -0.25], [1.0, 1.0 + 1e-6, 1.0]])
+def test_paired_t_df_2_matches_its_closed_form(d):
+  """n = 3 pairs: with 2 degrees of freedom P(|T| >= t) = 1 - t/sqrt(2 + t^2) (t > 0; written
+  without the cancellation for large t) and t_q = (2q - 1)/sqrt(2q(1 - q)); also at 90%."""
+  mean, se = np.mean(d), np.std(d, ddof=1) / math.sqrt(3)
+  t = mean / se
+  for confidence in (0.95, 0.9):
+    ours = stats.paired_t(d, [0.0, 0.0, 0.0], confidence=confidence)
+    np.testing.assert_allclose(ours.t, t, rtol=1e-12)
+    root = math.sqrt(2 + t * t)
+    np.testing.assert_allclose(ours.p, 2 / (root * (root + abs(t))), rtol=1e-9)
+    q = 0.5 + confidence / 2
+    half = (2 * q - 1) / math.sqrt(2 * q * (1 - q)) * se
+    np.testing.assert_allclose([ours.ci_low, ours.ci_high], [mean - half, mean + half],
+                               rtol=1e-9)
+
+
+@pytest.mark.parametrize("d", [[0.8, 0.3, 0.5, 0.1], [-2.0, 0.5, -0.25, -1.0],
+                               [1.0, 2.0, 1.5, 9.0]])
+def test_paired_t_df_3_matches_its_closed_form(d):
+  """n = 4 pairs: with 3 degrees of freedom
+  P(|T| >= t) = 1 - 2/pi (atan(t/sqrt(3)) + sqrt(3) t/(3 + t^2))."""
+  mean, se = np.mean(d), np.std(d, ddof=1) / 2
+  t = abs(mean / se)
+  ours = stats.paired_t(d, [0.0] * 4)
+  expected = 1 - 2 / math.pi * (math.atan(t / math.sqrt(3)) + math.sqrt(3) * t / (3 + t * t))
+  np.testing.assert_allclose(ours.p, expected, rtol=1e-9)
 
 
 # ----------------------------------------------------------------------------- mean ± std
@@ -124,7 +153,27 @@ def test_sign_flip_p_monte_carlo_is_seeded_and_close_to_exact():
   assert mc != stats.sign_flip_p(x, r, method="mc", n_resamples=20000, seed=2)
   # Monte-Carlo standard error sqrt(p(1-p)/B) < 0.0036 here.
   assert abs(mc - exact) < 0.015, (mc, exact)
-  assert stats.sign_flip_p(x, r) == mc or len(x) > stats.EXACT_PERMUTATION_MAX_N
+  # "auto" samples above EXACT_PERMUTATION_MAX_N pairs: the same draws as "mc".
+  assert len(x) > stats.EXACT_PERMUTATION_MAX_N
+  assert stats.sign_flip_p(x, r, n_resamples=20000, seed=1) == mc
+  assert stats.sign_flip_p(x, r) == stats.sign_flip_p(x, r, method="mc")
+  assert stats.sign_flip_p(x, r) != exact
+
+
+@pytest.mark.parametrize("n", [2, 5, 9, 14, 16])
+def test_sign_flip_p_equals_brute_force_enumeration(n):
+  """Every one of the 2^n sign patterns, enumerated here: "auto" is exact up to 16 pairs, also
+  where 2^n exceeds the 9,999 resamples (n = 14, 16). Ties of |d| (multiples of 1/8) included."""
+  rng = np.random.default_rng(100 + n)
+  r = rng.normal(size=n)
+  x = r + rng.integers(-3, 5, size=n) / 8
+  d = x - r
+  patterns = np.array(list(itertools.product([1.0, -1.0], repeat=n)))  # (2^n, n)
+  null = np.abs((patterns * d).mean(axis=1))
+  observed = abs(d.mean())
+  expected = np.mean(null >= observed * (1 - 1e-12))
+  assert stats.sign_flip_p(x, r) == pytest.approx(expected, rel=1e-12)
+  assert stats.sign_flip_p(x, r) * 2**n == pytest.approx(round(expected * 2**n), abs=1e-9)
 
 
 def test_sign_flip_p_edge_cases():
@@ -165,6 +214,14 @@ def test_bootstrap_matches_scipy_percentile_bootstrap():
     spread = (x - r).std(ddof=1) / math.sqrt(n)
     assert abs(low - ref.confidence_interval.low) < 0.03 * spread, (low, ref)
     assert abs(high - ref.confidence_interval.high) < 0.03 * spread, (high, ref)
+  # "mc" resamples the pairs by np.random.default_rng(seed).integers(0, n, (n_resamples, n)),
+  # the draws of the hand-written bootstrap it replaced: its intervals are unchanged.
+  d = x - r
+  draws = np.random.default_rng(7).integers(0, n, size=(5000, n))
+  means = d[draws].mean(axis=1)
+  np.testing.assert_allclose(
+      stats.paired_bootstrap_ci(x, r, method="mc", n_resamples=5000, seed=7, confidence=0.9),
+      np.percentile(means, [5, 95]), rtol=1e-12)
   # Seeded: the same seed gives the same interval, another seed another one.
   a = stats.paired_bootstrap_ci(x, r, method="mc", seed=4)
   assert a == stats.paired_bootstrap_ci(x, r, method="mc", seed=4)
@@ -313,3 +370,13 @@ def test_wide_cells_show_the_deciding_test():
   low, high = stats.paired_bootstrap_ci(TABLE["no_dm"]["MAE"], TABLE["full"]["MAE"])
   wide = stats.markdown_table(rows, layout="wide").splitlines()
   assert f"[{low:.4f}, {high:.4f}]" in wide[3]
+
+
+def test_grid_commands_start_without_scipy():
+  """scipy.stats takes about a second to import: stats.py imports it at first use, so a grid
+  command (which imports stats.py) answers a mistake on its command line at once."""
+  code = ("import sys; from dhmd_jax.experiments import grid; from dhmd_jax import stats; "
+          "print(sorted(m for m in sys.modules if m.startswith('scipy.stats')))")
+  proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                        timeout=120)
+  assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
