@@ -147,14 +147,9 @@ def split_outputs(model, params, arrays: Mapping[str, np.ndarray], *, batch_size
     "hetero_features" (N, 3, d): c_m and s_m averaged over each sample's real frames.
   """
   inputs = {k: v for k, v in arrays.items() if k != "label"}
-  num = next(iter(inputs.values())).shape[0]
   forward = jax.jit(lambda p, b: _analysis_outputs(model, p, b))
-  chunks = []
-  for start in range(0, num, batch_size):
-    rows = np.arange(start, start + batch_size) % num  # pad the last batch with real rows
-    chunks.append(jax.device_get(forward(params, {k: np.asarray(v)[rows]
-                                                  for k, v in inputs.items()})))
-  return {k: np.concatenate([c[k] for c in chunks])[:num] for k in chunks[0]}
+  return steps.map_in_batches(lambda batch: jax.device_get(forward(params, batch)), inputs,
+                              batch_size)
 
 
 def seed_params(stacked_params, index: int):

@@ -214,14 +214,29 @@ def make_predict(model, *, batch_size, mesh=None):
     return jax.vmap(apply)(params)  # (S, batch_size, O)
 
   def predict(params, data):
-    num = data["label"].shape[0]
-    outputs = []
-    for start in range(0, num, batch_size):
-      rows = jnp.asarray(np.arange(start, start + batch_size) % num)
-      outputs.append(predict_batch(params, gather(data, rows)))
-    return jnp.concatenate(outputs, axis=1)[:, :num]
+    return map_in_batches(lambda batch: predict_batch(params, batch), data, batch_size, axis=1,
+                          take=lambda d, rows: gather(d, jnp.asarray(rows)))
 
   return predict
+
+
+def map_in_batches(fn, arrays, batch_size, *, axis=0, take=None):
+  """`fn` over every sample of `arrays` ({name: (N, ...)}) in batches of exactly `batch_size`.
+
+  The last batch is padded with real rows (wrapping around to the first), so one compilation
+  of a jitted `fn` serves every batch and every split; the padded rows' outputs are dropped. The
+  outputs (a pytree of arrays whose sample axis is `axis`) are concatenated along that axis and
+  cut to N. `take(arrays, rows)` selects a batch (default: NumPy indexing of every entry).
+  """
+  num = next(iter(arrays.values())).shape[0]
+  take = take or (lambda a, rows: {k: np.asarray(v)[rows] for k, v in a.items()})
+  outputs = [fn(take(arrays, np.arange(start, start + batch_size) % num))
+             for start in range(0, num, batch_size)]
+
+  first_n = (slice(None),) * axis + (slice(0, num),)
+  join = lambda *parts: (np if isinstance(parts[0], np.ndarray) else jnp).concatenate(
+      parts, axis=axis)[first_n]  # host arrays stay on the host
+  return jax.tree.map(join, *outputs)
 
 
 @jax.jit
