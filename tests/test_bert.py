@@ -4,7 +4,7 @@ parameter in a train step, and a tiny DHMD that learns the planted signal throug
 
 `tests/fixtures/bert_tiny/` is a random `transformers.BertModel` (2 layers, hidden 32, 4 heads,
 vocabulary 128) saved with `save_pretrained`, with its inputs and outputs in `outputs.npz`,
-written by `experiments/make_bert_fixture.py` (torch and transformers are not needed here).
+written by `tools/make_bert_fixture.py` (torch and transformers are not needed here).
 """
 
 import json

@@ -5,7 +5,7 @@
 # (600 s at most) of a 15-minute device budget; each part has its own time limit so that a slow
 # part still returns what it measured.
 #
-#   bash experiments/gpu_check.sh [all|bench|full]
+#   bash tools/gpu_check.sh [all|bench|full]
 #   bench: the benchmark cases the targets name, the model as in the reference (DM off):
 #          aligned batch 16 and 64, unaligned batch 16, aligned batch 16 with five seeds;
 #   full:  a full MOSEI-sized run on synthetic data: 16,326/1,871/4,659 samples, 30 epochs, five

@@ -4,7 +4,7 @@
 # RSS from /usr/bin/time -v in $OUT_DIR/<name>.log). Run it alone on the machine: timings share
 # the cores. The `loop` rows and the ratios come from ../shared/bench/side_by_side.sh instead
 # (the reference beside us; see the README).
-#   bash experiments/run_benchmarks.sh [OUT_DIR]     (about 20 minutes on the 2-core CPU)
+#   bash tools/run_benchmarks.sh [OUT_DIR]     (about 20 minutes on the 2-core CPU)
 set -u
 out=${1:-bench}
 mkdir -p "$out"

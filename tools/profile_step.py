@@ -1,6 +1,6 @@
 """Where a training step's time goes: a jax.profiler trace of the benchmark's step, summarised.
 
-  python experiments/profile_step.py --layout=aligned --batch=16 --pvariant=dmd --psteps=5
+  python tools/profile_step.py --layout=aligned --batch=16 --pvariant=dmd --psteps=5
 
 Traces `--psteps` steps of the benchmark's jitted chunk (forward, losses, backward, Adam) with
 `jax.profiler`, reads the Perfetto JSON it writes, and attributes every executed XLA op (thunk)

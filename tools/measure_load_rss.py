@@ -12,7 +12,7 @@ pickle size (the file must be unpickled once). Needs ~18 GB free disk (pickle + 
 unless --keep.
 
 Usage:
-  python experiments/measure_load_rss.py [--tmp_root /tmp] [--scale 1.0] [--keep]
+  python tools/measure_load_rss.py [--tmp_root /tmp] [--scale 1.0] [--keep]
 """
 
 from __future__ import annotations
