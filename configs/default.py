@@ -145,7 +145,8 @@ def get_config():
   # Edge weights w = softmax(e / temperature) jointly over the six directed edges, per sample.
   config.gd.temperature = 8.0
   # Prior over edges: "code" (softmax([0,0,1,0,1,0]/.25) homo, softmax([0,0,1,0,1,1]/.25)
-  # hetero), "uniform", or "none" (paper). Added to w in the distillation loss when not "none".
+  # hetero), "uniform", or "none" (paper). Added to w in the distillation loss when not "none";
+  # "none" also turns off the pull towards the prior (reg_weight).
   config.gd.prior = "code"
   # Weight of the pull of the batch-mean edge weights towards the prior (code 10; paper 0).
   config.gd.reg_weight = 10.0
