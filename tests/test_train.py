@@ -106,6 +106,18 @@ def test_evaluate_and_predict_match_training_report(trained):
   rows = list(csv.DictReader(open(path)))
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
   assert [r["id"] for r in rows] == list(dataset.splits["valid"].ids)
+  # The predictions themselves: the MAE recomputed from the CSV is the report's, seed by seed.
+  rows = list(csv.DictReader(open(evaluate_lib.predict(config, workdir, split="test"))))
+  np.testing.assert_allclose([float(r["label"]) for r in rows], dataset.splits["test"].labels,
+                             rtol=1e-6)
+  for seed, mae in zip(config.train.seeds, results["test"]["MAE"]):
+    errors = [abs(float(r[f"prediction_seed_{seed}"]) - float(r["label"])) for r in rows]
+    np.testing.assert_allclose(np.mean(errors), mae, rtol=0, atol=5.1e-5)  # reported to 4 d.p.
+  # --checkpoint=latest: the last epoch's parameters, whose test metrics the last epoch logged.
+  latest = evaluate_lib.evaluate(config, workdir, split="test", which="latest")
+  last_epoch = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))][-1]
+  for name in ("MAE", "Corr", "Non0_acc_2"):
+    np.testing.assert_allclose(latest["per_seed"][name], last_epoch["test"][name], rtol=1e-5)
 
 
 @pytest.mark.slow
