@@ -30,8 +30,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
 
 # A tiny run (one seed, 3 epochs of two 3-step chunks) in a child process; FAULT=<point>@<n>
-# kills it with SIGKILL: "step" after the n-th chunk has run (mid-epoch), "save" as soon as the
-# save of epoch n has started (its files are being written in the background), "saved" once the
+# kills it with SIGKILL: "step" after the n-th chunk has run (mid-epoch), "save" during the save
+# of epoch n (its files written in the background, the commit not done), "saved" once the
 # checkpoint of epoch n is committed (before the next epoch or the report).
 CHILD = r"""
 import os, signal, sys
@@ -65,13 +65,28 @@ if point == "step":
       return out
     return counted
   steps.make_run_chunk = make
-elif point in ("save", "saved"):
+elif point == "save":
+  # Killed inside orbax's commit of epoch n: every file written to its temporary folder, the
+  # rename to the final one not done. What was on disk is recorded first, so the test can see
+  # that the kill did land during the save (an orbax that no longer commits this way never
+  # kills, and the test fails on the exit status).
+  import json
+  from orbax.checkpoint._src.path import async_path
+  real_rename = async_path.rename
+  async def rename(src, dst):
+    if os.path.basename(str(dst)) == str(at):
+      with open(os.path.join(sys.argv[1], "killed_during_save.json"), "w") as f:
+        json.dump({"tmp": str(src), "tmp_exists": os.path.isdir(str(src)),
+                   "final_exists": os.path.exists(str(dst))}, f)
+      kill()
+    return await real_rename(src, dst)
+  async_path.rename = rename
+elif point == "saved":
   real_save = checkpoint.Checkpointer.save
   def save(self, epoch, **kwargs):
     real_save(self, epoch, **kwargs)
     if epoch == at:
-      if point == "saved":
-        self.wait()
+      self.wait()
       kill()
   checkpoint.Checkpointer.save = save
 train_lib.train_and_evaluate(config, sys.argv[1])
@@ -138,7 +153,7 @@ def straight(tmp_path_factory):
 
 
 def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(straight, tmp_path):
-  _, expected = straight
+  straight_dir, expected = straight
   # step@5: mid-epoch 3, when epoch 1's checkpoint is surely committed (a save waits for the one
   # before, and saves are asynchronous: at chunk 4 epoch 1's may still be in flight).
   faults = {"step": "step@5", "save": "save@2", "saved": "saved@2"}
@@ -146,14 +161,28 @@ def test_sigkill_at_three_points_then_resume_equals_uninterrupted_run(straight, 
   killed = _wait([_child(dirs[n], f) for n, f in faults.items()])
   for (code, _, stderr), name in zip(killed, faults):
     assert code == -signal.SIGKILL, (name, code, stderr[-2000:])
+  during = json.load(open(dirs["save"] / "killed_during_save.json"))
+  assert during["tmp_exists"] and not during["final_exists"], during  # mid-save, uncommitted
   resumed = _wait([_child(dirs[n]) for n in faults])
+  # The checkpoint each rerun resumes from: the newest committed one at the kill (mid-epoch 3,
+  # epoch 2's asynchronous save may or may not have been committed yet).
+  resumes_from = {"step": (1, 2), "save": (1,), "saved": (2,)}
   for (code, stdout, stderr), name in zip(resumed, faults):
     assert code == 0, (name, stderr[-3000:])
-    assert "resuming from the checkpoint of epoch" in stdout, name
+    assert any(f"resuming from the checkpoint of epoch {e} " in stdout
+               for e in resumes_from[name]), (name, stdout)
     assert "Traceback" not in stderr, name
     records = [json.loads(l) for l in open(dirs[name] / "metrics.jsonl")]
     assert [r["epoch"] for r in records] == list(range(1, EPOCHS + 1)), name
+    # Every epoch's logged values, the resumed ones included, equal the uninterrupted run's.
+    assert _epoch_records(dirs[name]) == _epoch_records(straight_dir), name
     assert _outcome(dirs[name]) == expected, name  # bit for bit: floats compared exactly
+
+
+def _epoch_records(workdir):
+  """metrics.jsonl without its wall times."""
+  return [{k: v for k, v in json.loads(l).items() if k != "time_s"}
+          for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
 # `python -m dhmd_jax.main ARGS`, with the FakeModel and fake_config()'s switches.
@@ -309,12 +338,14 @@ def test_unwritable_workdir_stops_before_any_work(tmp_path, monkeypatch):
   blocker.write_text("")
   with pytest.raises(train_lib.TrainingError, match="cannot write to the workdir"):
     train_lib.train_and_evaluate(_config(), str(blocker / "run"))
-  if os.geteuid() != 0:  # root writes through permission bits
-    ro = tmp_path / "ro"
-    ro.mkdir()
-    ro.chmod(0o555)
+  ro = tmp_path / "ro"
+  ro.mkdir()
+  ro.chmod(0o555)
+  if not os.access(ro, os.W_OK):  # root writes through permission bits: test_read_only.py
     with pytest.raises(train_lib.TrainingError, match="cannot write to the workdir"):
       train_lib.train_and_evaluate(_config(), str(ro))
+    assert os.listdir(ro) == []
+  ro.chmod(0o755)
   # Read-only file systems report EROFS when the write test creates its file.
   real = train_lib.tempfile.NamedTemporaryFile
 
