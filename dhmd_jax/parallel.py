@@ -25,7 +25,7 @@ def make_mesh(num_devices):
   n = len(devices) if num_devices == 0 else num_devices
   if n > len(devices) or n < 1:
     raise ValueError(f"config.train.num_devices = {num_devices}, but {len(devices)} "
-                     f"device(s) are available")
+                     f"device(s) are available; set it to at most {len(devices)} (0 = all)")
   axis_types = (jax.sharding.AxisType.Auto,)
   return jax.make_mesh((n,), (DATA_AXIS,), axis_types=axis_types, devices=devices[:n])
 

@@ -315,9 +315,12 @@ def _set_up(config, workdir, loss_weights=None):
     logging.warning("training arrays (%.1f GB) exceed train.device_data_limit_bytes; "
                     "they are copied to the device anyway (host streaming is not implemented)",
                     data_lib.nbytes(host["train"]) / 1e9)
-  mesh = parallel.make_mesh(config.train.num_devices)
-  parallel.check_divisible(mesh, batch_size, "config.train.batch_size")
-  parallel.check_divisible(mesh, config.train.eval_batch_size, "config.train.eval_batch_size")
+  try:  # the config asks for devices or a split this machine cannot give
+    mesh = parallel.make_mesh(config.train.num_devices)
+    parallel.check_divisible(mesh, batch_size, "config.train.batch_size")
+    parallel.check_divisible(mesh, config.train.eval_batch_size, "config.train.eval_batch_size")
+  except ValueError as error:
+    raise TrainingError(str(error)) from None
   model = build(config, dataset)
   train_step = steps.make_train_step(config, model)
   return _Run(

@@ -1,0 +1,195 @@
+"""The training protocol's claims that no other test pins: early stopping inside the vmapped
+chunk, the refusal to resume with a changed config, `train.num_devices` through the trainer,
+and binary, unaligned data trained, evaluated and predicted end to end."""
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fake_model
+from dhmd_jax import data as data_lib
+from dhmd_jax import evaluate as evaluate_lib
+from dhmd_jax import metrics as metrics_lib
+from dhmd_jax import steps
+from dhmd_jax import train as train_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ----------------------------------------------------------------------------- early stopping
+
+
+def _chunk_inputs(config, tmp_path, seeds):
+  config.train.seeds = seeds
+  dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
+  model = fake_model.fake_build(config, dataset)
+  data = data_lib.split_arrays(dataset.splits["train"], "regression")
+  init_keys, order_keys, dropout_keys = train_lib.seed_keys(seeds)
+  sample = jax.tree.map(lambda a: a[:8], data)
+  init = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))
+  index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=3,
+                            micro_per_step=2)
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  weights = train_lib.run_loss_weights(config, len(seeds))
+  return lambda active: run_chunk(init(init_keys), jnp.asarray(active), data, index,
+                                  jnp.ones(3, bool), dropout_keys, weights), init(init_keys)
+
+
+def test_a_stopped_seed_keeps_its_state_and_the_others_train_as_without_it(tmp_path):
+  run, initial = _chunk_inputs(fake_model.fake_config(), tmp_path, (1111, 1112, 1113))
+  all_on, _ = run([True, True, True])
+  one_off, _ = run([True, False, True])
+  flat = lambda states, s: np.concatenate(
+      [np.asarray(leaf[s]).ravel() for leaf in jax.tree.leaves(states.params)])
+  # The stopped seed: parameters, optimizer moments and step count exactly as they were.
+  for a, b in zip(jax.tree.leaves(one_off), jax.tree.leaves(initial)):
+    np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
+  assert int(one_off.step[1]) == 0 and int(all_on.step[1]) == 3
+  # The others: bit for bit what they are when every seed trains, and they did move.
+  for s in (0, 2):
+    for a, b in zip(jax.tree.leaves(one_off), jax.tree.leaves(all_on)):
+      np.testing.assert_array_equal(np.asarray(a[s]), np.asarray(b[s]))
+    assert not np.array_equal(flat(one_off, s), flat(initial, s))
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def _short_config():
+  config = fake_model.fake_config()
+  config.train.seeds = (1111,)
+  config.train.num_epochs = 1
+  return config
+
+
+def test_resume_refuses_a_changed_config_and_takes_a_resumable_change(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(_short_config(), workdir)
+  changed = _short_config()
+  changed.train.learning_rate = 3e-4
+  with pytest.raises(train_lib.TrainingError) as info:
+    train_lib.train_and_evaluate(changed, workdir)
+  assert str(info.value) == (
+      f"{workdir} holds a run with train.learning_rate=0.0001, this command has 0.0003; use a "
+      f"new --workdir, or the run's own config (its config.json) to resume")
+  stored = json.load(open(os.path.join(workdir, "config.json")))
+  assert stored["train"]["learning_rate"] == 1e-4  # the refused command wrote nothing
+  more = _short_config()
+  more.train.num_epochs = 2  # resumable: the run goes on from its checkpoint
+  results = train_lib.train_and_evaluate(more, workdir)
+  assert results["epochs_run"] == 2
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["epoch"] for r in records] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+DEVICES_CHILD = r"""
+import json, sys
+import jax
+jax.config.update("jax_num_cpu_devices", 2)
+sys.path.insert(0, "tests")
+import fake_model
+fake_model.install()
+from dhmd_jax import parallel, train as train_lib
+sizes = []
+real_make_mesh = parallel.make_mesh
+parallel.make_mesh = lambda n: sizes.append(real_make_mesh(n).size) or real_make_mesh(n)
+out = {}
+for n in (1, 2):
+  config = fake_model.fake_config()
+  config.train.seeds = (1111,)
+  config.train.num_epochs = 1
+  config.train.num_devices = n
+  results = train_lib.train_and_evaluate(config, sys.argv[1] + f"/d{n}")
+  out[n] = {"test": results["test"], "mesh": sizes[-1]}
+print("RESULT" + json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_num_devices_reaches_the_trainer(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", DEVICES_CHILD, str(tmp_path)], cwd=REPO,
+                        capture_output=True, text=True, timeout=600,
+                        env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+  out = json.loads(line[len("RESULT"):])
+  assert (out["1"]["mesh"], out["2"]["mesh"]) == (1, 2)
+  for name, values in out["1"]["test"].items():  # data parallel: the sums reassociated only
+    np.testing.assert_allclose(out["2"]["test"][name], values, rtol=1e-4, atol=1e-5,
+                               err_msg=name)
+
+
+def test_more_devices_than_the_machine_has_is_one_line(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  config = _short_config()
+  config.train.num_devices = len(jax.devices()) + 1
+  with pytest.raises(train_lib.TrainingError, match=r"^config.train.num_devices = \d+, but "):
+    train_lib.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+# ----------------------------------------------------------------------------- binary, unaligned
+
+
+def _train_one_epoch(tmp_path, *, fake=False, **synthetic):
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  config = fake_model.fake_config() if fake else tiny.get_config()
+  config.dataset.synthetic.update(synthetic)
+  if synthetic.get("like") in ("urfunny", "mustard"):
+    config.dataset.task = "binary"
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  results = train_lib.train_and_evaluate(config, workdir)
+  evaluated = evaluate_lib.evaluate(config, workdir, split="test")
+  for name, values in results["test"].items():
+    np.testing.assert_allclose(evaluated["per_seed"][name], values, rtol=1e-6, err_msg=name)
+  rows = list(csv.DictReader(open(evaluate_lib.predict(config, workdir, split="test"))))
+  dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
+  return config, results, rows, dataset
+
+
+@pytest.mark.slow
+def test_binary_data_trained_evaluated_and_predicted(tmp_path):
+  """The real tiny model on MUStARD-shaped data (MultiBench layout, two classes)."""
+  config, results, rows, _ = _train_one_epoch(tmp_path, like="mustard", layout="multibench")
+  assert set(results["test"]) >= {"Accuracy", "F1_score", "F1_pos"}
+  labels = np.array([int(float(r["label"])) for r in rows])
+  assert set(labels) == {0, 1}
+  for seed, accuracy, f1 in zip(config.train.seeds, results["test"]["Accuracy"],
+                                results["test"]["F1_score"]):
+    classes = np.array([int(r[f"prediction_seed_{seed}"]) for r in rows])  # class ids
+    assert set(classes) <= {0, 1}
+    expected = metrics_lib.compute_metrics("mustard", classes, labels)
+    assert expected["Accuracy"] == pytest.approx(accuracy, abs=1e-4)
+    assert np.mean(classes == labels) == pytest.approx(accuracy, abs=1e-4)
+    assert expected["F1_score"] == pytest.approx(f1, abs=1e-4)
+
+
+def test_unaligned_data_trained_evaluated_and_predicted(tmp_path, monkeypatch):
+  """MOSI-shaped unaligned data (three lengths, padded frames) through the data layer, the
+  trainer, evaluate and predict. The fake model stands in for DHMD (whose unaligned forward,
+  losses and gradients test_dmd_reference.py and test_stacked.py pin): the real one on 500-frame
+  sequences costs minutes of a 2-core CI run."""
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  config, results, rows, dataset = _train_one_epoch(
+      tmp_path, fake=True, like="mosi", aligned=False, num_train=32, num_valid=16, num_test=16)
+  split = dataset.splits["test"]
+  lengths = {m: split.features[m].shape[1] for m in ("text", "vision", "audio")}
+  assert lengths == {"text": 50, "vision": 500, "audio": 375}
+  assert not split.masks["vision"].all()  # padded frames
+  labels = np.array([float(r["label"]) for r in rows])
+  for seed, mae in zip(config.train.seeds, results["test"]["MAE"]):
+    preds = np.array([float(r[f"prediction_seed_{seed}"]) for r in rows])
+    assert np.all(np.isfinite(preds))
+    np.testing.assert_allclose(np.mean(np.abs(preds - labels)), mae, rtol=0,
+                               atol=5.1e-5)  # reported to 4 d.p.
