@@ -3,10 +3,9 @@
 Dataset configs (`mosei.py`, `mosi.py`, ...) import `get_config()` and change a few fields; library
 code reads `config.x` and never `config.get("x", default)`, so a typo in an override fails loudly.
 
-Defaults follow the public DMD code for everything DHMD inherits from DMD (the
-README's fidelity table lists where the two differ) and the DHMD paper for dictionary matching,
-which has no public code. Every place where the paper and the DMD code differ is one named field;
-the README's fidelity table lists them.
+Defaults follow the public DMD code for everything DHMD inherits from DMD and the DHMD paper for
+dictionary matching, which has no public code. Every place where the paper and the DMD code
+differ is one named field; docs/fidelity.md lists them, with both behaviours and the default.
 """
 
 import ml_collections
@@ -105,10 +104,10 @@ def get_config():
   # Causal ("future") mask with the |Tk - Tq| offset in all transformers (DMD code: on).
   config.model.causal_mask = True
   # Speed only: with the causal mask, attention over long sequences is computed in blocks of
-  # this many query rows, each over just the keys it can see (unaligned MOSEI, 2-core CPU:
-  # 7.97 s/step with 0, 4.62 with 128, 3.92 with 64, 4.42 with 32; sequences up to this length
-  # are one block). 0 = one block always. Deterministic outputs are the same; dropout draws its
-  # masks per block.
+  # this many query rows, each over just the keys it can see (sequences up to this length are
+  # one block; 64 was the fastest of 0, 32, 64 and 128 for unaligned MOSEI on a 2-core CPU:
+  # docs/performance.md). 0 = one block always. Deterministic outputs are the same; dropout
+  # draws its masks per block.
   config.model.attention_query_block = 64
   # Recompute each transformer layer's activations in the backward pass instead of keeping them
   # (jax.checkpoint): the same numbers, less memory for long (unaligned) sequences, more compute.
@@ -177,7 +176,8 @@ def get_config():
   config.loss.recon_reduction = "mean"
   # L_ort: "torch19_batch_axis" (code under PyTorch 1.9: max(0, cos) taken across the batch for
   # each (t, channel)), "per_vector" (paper Eq. 5: mean |cos| of each (sample, t) feature
-  # vector pair) or "per_vector_hinge" (max(0, cos) per vector: the DMD issue #6 workaround).
+  # vector pair) or "per_vector_hinge" (max(0, cos) per vector: the workaround of mdswyz/DMD's
+  # issue 6 for PyTorch >= 1.10).
   config.loss.ort_mode = "torch19_batch_axis"
   # L_mar: "code" (adaptive margin scale*|y_i - y_k|, positives = identical label of any
   # modality, negatives = different label) or "paper" (Eq. 4: fixed margin, positives = same
@@ -222,9 +222,9 @@ def get_config():
   # inside); the progress bar and the non-finite check run between chunks. 0 = whole epoch.
   config.train.steps_per_chunk = 4
   # Evaluation batch size per seed (padded; padding never reaches the metrics). All seeds are
-  # evaluated at once, so a call holds seeds x this many samples: on the 2-core CPU, five seeds
-  # evaluate aligned MOSEI at 259 samples/s with 64 and 131 with 256 (one seed: 317 and 298).
-  # A GPU may prefer larger batches.
+  # evaluated at once, so a call holds seeds x this many samples: on a 2-core CPU five seeds
+  # evaluate aligned MOSEI faster with 64 than with 256 (docs/performance.md). A GPU may
+  # prefer larger batches.
   config.train.eval_batch_size = 64
   # Evaluate the test split every epoch too (as the reference does; never used for selection).
   config.train.eval_test_every_epoch = True
@@ -356,7 +356,7 @@ RULES = {
 }
 
 
-# Where the BERT variants of the dataset configs expect the checkpoint folder (README: BERT).
+# Where the BERT variants of the dataset configs expect the checkpoint folder (docs/bert.md).
 BERT_PATH = "data/bert-base-uncased"
 
 

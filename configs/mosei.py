@@ -1,10 +1,11 @@
 """CMU-MOSEI (MMSA pickles). `--config=configs/mosei.py` (aligned) or `configs/mosei.py:unaligned`;
 `configs/mosei.py:bert` / `:unaligned,bert`: text through bert-base-uncased fine-tuned end to end
 from `text_bert`, as the DMD code trains it (`--config.model.bert.path`, default
-data/bert-base-uncased; README "BERT").
+data/bert-base-uncased; docs/bert.md).
 
-Values from the DMD code's config (reference table (a)); the paper's Table 1 column [2] differs
-only in the audio kernel (paper 3, code 1): `--config.model.conv_kernel.audio=3` gives the paper's.
+Values from the DMD code's own config for MOSEI; the paper's Table 1 column [2] differs only in
+the audio kernel (paper 3, code 1): `--config.model.conv_kernel.audio=3` gives the paper's
+(docs/fidelity.md lists every difference).
 """
 
 from configs import default as default_lib
@@ -28,9 +29,9 @@ def get_config(variant="aligned"):
   config.model.attn_dropout_a = 0.0
   config.model.attn_dropout_v = 0.0
   config.model.output_dropout = 0.5
-  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass, so five
-  # seeds fit in 24 GB (unaligned MOSEI batch 16 x 5 seeds: peak RSS 6.2 GB; out of memory
-  # without). Speed only: the numbers are the same.
+  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass, so that
+  # five seeds of unaligned batches fit in the memory of a 24 GB machine, which they do not
+  # without (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers.
   config.model.remat = variant == "unaligned"
   if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
     default_lib.use_bert(config)

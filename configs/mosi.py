@@ -1,9 +1,9 @@
 """CMU-MOSI (MMSA pickles). `--config=configs/mosi.py` (aligned) or `configs/mosi.py:unaligned`;
 `configs/mosi.py:bert` / `:unaligned,bert`: text through bert-base-uncased fine-tuned end to end
 from `text_bert`, as the DMD code trains it (`--config.model.bert.path`, default
-data/bert-base-uncased; README "BERT").
+data/bert-base-uncased; docs/bert.md).
 
-Values from the DMD code's config (reference table (a)), equal to the paper's Table 1 column [1].
+Values from the DMD code's own config for MOSI, equal to the paper's Table 1 column [1].
 """
 
 from configs import default as default_lib
@@ -27,9 +27,9 @@ def get_config(variant="aligned"):
   config.model.attn_dropout_a = 0.2
   config.model.attn_dropout_v = 0.0
   config.model.output_dropout = 0.5
-  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass, so five
-  # seeds fit in 24 GB (unaligned MOSEI batch 16 x 5 seeds: peak RSS 6.2 GB; out of memory
-  # without). Speed only: the numbers are the same.
+  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass, so that
+  # five seeds of unaligned batches fit in the memory of a 24 GB machine, which they do not
+  # without (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers.
   config.model.remat = variant == "unaligned"
   if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
     default_lib.use_bert(config)

@@ -1,7 +1,8 @@
 """CH-SIMS (MMSA `unaligned_39.pkl`, labels in [-1, 1], SIMS metrics).
 
 Neither the DHMD paper nor the DMD code has SIMS settings; we use the MOSI model and dropouts
-(Table 1 column [1], DMD MOSI config), our choice, listed in the README. SIMS is unaligned only.
+(Table 1 column [1], DMD MOSI config), our choice, listed in docs/fidelity.md. SIMS is
+unaligned only.
 """
 
 from configs import mosi

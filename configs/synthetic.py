@@ -14,7 +14,7 @@ def get_config():
   config.dataset.synthetic.like = "mosei"
   config.dataset.synthetic.aligned = True
   config.dataset.synthetic.layout = "mmsa"
-  # Small enough for about three minutes on 2 CPU cores (the compilation included); everything
+  # Small enough for a few minutes on 2 CPU cores (the compilation included); everything
   # else is the MOSEI protocol, except one micro-batch per Adam step (the reference's 10 would
   # leave 3 steps per epoch here) and three seeds instead of five.
   config.dataset.synthetic.num_train = 512

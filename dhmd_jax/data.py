@@ -1,13 +1,14 @@
 """Loads the precomputed-feature pickles (MMSA, MulT/MultiBench) as memory-mapped arrays.
 
-`load_dataset(config.dataset)` reads one pickle (layouts in `shared/reference/data-formats.md`),
+`load_dataset(config.dataset)` reads one pickle (the layouts are described in docs/data.md),
 validates it and returns a `Dataset` of three `Split`s whose features are float32 `np.memmap`s
 of a `.npy` cache:
 
 * The first load unpickles the file once, checks every split (keys, ranks, sample counts, label
   range, lengths, dims), then converts and writes it split by split into a temporary sibling
   folder, chunk by chunk, dropping each split as soon as it is written, so the peak memory is
-  about the size of the pickle (the reference loaders need ~32 GB for MOSEI). The folder is
+  about the size of the pickle (loaders that keep every split in memory and copy it need a
+  multiple of that for unaligned MOSEI). The folder is
   renamed into place only when complete; on any error it is removed.
 * Later loads check the cache's manifest against the pickle (size, mtime, hash of the first and
   last MiB) and memory-map the arrays: only the pages a run touches are read.

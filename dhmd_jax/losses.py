@@ -3,7 +3,7 @@
 Every function is keyword-only, takes arrays and returns arrays; nothing here builds a model, so
 the losses can be imported and analysed on their own. Where the DHMD paper and the public DMD
 code (mdswyz/DMD, CVPR 2023) differ, both behaviours are implemented and selected by a named
-argument (see `shared/reference/dmd-reference-code.md`, sections 3, 4 and (b)).
+argument (docs/fidelity.md lists each difference, its config field and its default).
 
 Conventions:
   * Modality order is (text, vision, audio) = (L, V, A) = index (0, 1, 2).

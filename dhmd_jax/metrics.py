@@ -4,7 +4,7 @@ The regression metrics reproduce MMSA `MetricsTop.__eval_mosei_regression` (MOSI
 `__eval_sims_regression` (CH-SIMS) exactly, including numpy's round-half-to-even, without
 scikit-learn: the weighted F1 is computed here as `sklearn.metrics.f1_score(y_true, y_pred,
 average="weighted")` does, with its zero-division value 0 for a class that is never predicted.
-See `shared/reference/data-formats.md`, "Metric definitions".
+docs/data.md, "Metrics", states every definition.
 
 Departures from MMSA, all where MMSA would crash or warn:
   * Corr is NaN (without a RuntimeWarning) when either side is constant or has < 2 values;

@@ -9,9 +9,9 @@ optimizer step's micro-batches (leading axis `update_epochs`) and an RNG key. Ar
   data order and dropout keys, and a seed that early-stopped simply keeps its state.
 - `predict` runs the deterministic model over a padded split, for every seed at once.
 
-Gradient accumulation follows the reference exactly (reference doc, section 5): the running sum
-of micro-batch gradients is clipped to +-clip after *every* micro-batch, G <- clip(G + g_k), and
-Adam steps once per group.
+Gradient accumulation follows the DMD code's training loop exactly (docs/training.md): the
+running sum of micro-batch gradients is clipped to +-clip after *every* micro-batch,
+G <- clip(G + g_k), and Adam steps once per group.
 
 Accumulation, clipping and Adam act on one flat vector of all parameters (`ravel_pytree`), not
 leaf by leaf: the model has hundreds of small parameter arrays, and per-leaf optimizer arithmetic

@@ -3,10 +3,9 @@
 - one persistent XLA compilation cache for the session, so a program compiled by one test (or
   child process) is not compiled again by the next;
 - XLA's backend optimisation level 0 and the CPU backend's older (non-"fusion emitter") code
-  generator: on the 2-core CI machine compiling the model dominates the suite; level 0 halves it,
-  and the older code generator compiles the tiny model's train step in 3 s instead of 7 s. The
-  programs compute the same functions, only slower; the benchmark and the README numbers never
-  use these settings.
+  generator: on a 2-core CI machine compiling the model dominates the suite, and both settings
+  cut the compile time of the tiny model substantially. The programs compute the same functions,
+  only slower; the benchmark and the numbers of docs/performance.md never use these settings.
 """
 
 import os

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The prepared GPU check (issues 5 and 9), as one script for the `device` tool (H100/H200, python3.12
-# with jax/flax/optax/orbax/chex preinstalled; ml-collections and tensorboardX travel as wheels
-# in .whl/, see README "Performance"). Writes everything under $OUT. Sized for one device call
-# (600 s at most) of a 15-minute device budget; each part has its own time limit so that a slow
-# part still returns what it measured.
+# The prepared GPU measurement (docs/performance.md, "GPU"), as one script sized for a single
+# 10-minute call on a GPU machine (python3 with jax, flax, optax, orbax-checkpoint and chex
+# installed). Writes everything under $OUT; each part has its own time limit so that a slow part
+# still returns what it measured. On a machine without network access, put wheels of the
+# packages it lacks (ml-collections, tensorboardX, ...) into a folder and pass WHEELS=that/folder.
 #
-#   bash tools/gpu_check.sh [all|bench|full]
-#   bench: the benchmark cases the targets name, the model as in the reference (DM off):
+#   [WHEELS=DIR] [OUT=DIR] bash tools/gpu_check.sh [all|bench|full]
+#   bench: the GPU benchmark cases of docs/performance.md, the model as in the DMD code (DM off):
 #          aligned batch 16 and 64, unaligned batch 16, aligned batch 16 with five seeds;
 #   full:  a full MOSEI-sized run on synthetic data: 16,326/1,871/4,659 samples, 30 epochs, five
 #          seeds, validation and test evaluation every epoch, early stopping off; its wall time
@@ -15,9 +15,9 @@ set -uo pipefail
 part=${1:-all}
 OUT=${OUT:-/tmp/dhmd_gpu_out}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
+if [ -n "${WHEELS:-}" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl
+    --target /tmp/site "$WHEELS"/*.whl
   export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1

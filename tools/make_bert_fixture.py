@@ -2,7 +2,7 @@
 
 Run by a developer with torch and transformers installed (not by CI, which only reads the files):
 
-  python tools/make_bert_fixture.py            # e.g. ~/.cache/ref-venv/bin/python
+  python tools/make_bert_fixture.py            # with a Python that has torch and transformers
 
 It builds `transformers.BertModel` (2 layers, hidden 32, 4 heads, vocabulary 128, intermediate
 37, 64 positions, with its pooler), draws its weights from wider distributions than BERT's

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The benchmark runs behind the README's "two ways of computing the stacks" table and memory
-# figures, one group per process (a case that runs out of memory loses only its own group; peak
-# RSS from /usr/bin/time -v in $OUT_DIR/<name>.log). Run it alone on the machine: timings share
-# the cores. The `loop` rows and the ratios come from ../shared/bench/side_by_side.sh instead
-# (the reference beside us; see the README).
+# The benchmark runs behind the `vmap` and memory rows of docs/performance.md ("Training step on
+# a CPU", "Memory of long sequences"), one group per process (a case that runs out of memory
+# loses only its own group; peak RSS from /usr/bin/time -v in $OUT_DIR/<name>.log). Run it alone
+# on the machine: timings share the cores. The `loop` rows come from the benchmark command that
+# docs/performance.md gives for them.
 #   bash tools/run_benchmarks.sh [OUT_DIR]     (about 20 minutes on the 2-core CPU)
 set -u
 out=${1:-bench}

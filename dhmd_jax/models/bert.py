@@ -1,10 +1,10 @@
 """BERT (Devlin et al. 2019) as Hugging Face's `BertModel` computes it, for the text path.
 
-The DMD code (reference notes section 2 item 1) runs `bert-base-uncased` on the `text_bert` token
-ids of the MMSA pickles and fine-tunes it with the rest of the model at the same Adam learning
-rate; its `last_hidden_state` (B, T, H) replaces the precomputed `text` features. This is that
-network, layer for layer (`transformers.models.bert.modeling_bert`, absolute positions, no cache,
-encoder only):
+The DMD code (its `BertTextEncoder`; docs/bert.md) runs `bert-base-uncased` on the `text_bert`
+token ids of the MMSA pickles and fine-tunes it with the rest of the model at the same Adam
+learning rate; its `last_hidden_state` (B, T, H) replaces the precomputed `text` features. This
+is that network, layer for layer (`transformers.models.bert.modeling_bert`, absolute positions,
+no cache, encoder only):
 
   embeddings: LayerNorm(word[ids] + token_type[segments] + position[0..T-1]) -> dropout
   layer i (post-LN): a = LayerNorm(x + dropout(W_o MHA(x, mask)))
