@@ -235,7 +235,7 @@ def _check_cross_fields(config):
   path = get_field(config, "model.bert.path", None)
   if encoder == "bert" and init == "checkpoint" and path is not None and not path:
     _fail("model.bert.path", path, "the folder of a Hugging Face BERT checkpoint (config.json "
-          "and model.safetensors), e.g. bert-base-uncased; see the README section on BERT")
+          "and model.safetensors), e.g. bert-base-uncased; see docs/bert.md")
 
 
 # ----------------------------------------------------------------------------- documentation

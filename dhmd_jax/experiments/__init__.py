@@ -1,4 +1,4 @@
-"""The paper's result tables as grids of runs, one command each (README "Experiments").
+"""The paper's result tables as grids of runs, one command each (docs/experiments.md).
 
   python -m dhmd_jax.experiments.table6 --config=configs/mosei.py --workdir=runs/table6
   python -m dhmd_jax.experiments.table7 --config=configs/mosei.py --workdir=runs/table7

@@ -194,7 +194,7 @@ class DHMD(nn.Module):
       deterministic: disables dropout (then no 'dropout' RNG is needed).
 
     Returns:
-      dict of outputs; keys of switched-off components are absent (see the README).
+      dict of outputs; keys of switched-off components are absent (docs/architecture.md).
     """
     s, cfg = self.settings, self.settings.model
     d, o = cfg.d_model, s.num_outputs

@@ -9,7 +9,7 @@ Z_m (T x C):
   alpha_m = softmax(a_m)            (K,)    Eq. 11
   Z^_m = sum_k alpha_m^k D_k        (C,)    Eq. 12
 
-Choices the paper leaves open (each documented in the README fidelity table):
+Choices the paper leaves open (each documented in docs/fidelity.md):
 * inputs: HoDM takes c_m (B, T'_m, d), the decoupled homogeneous features (the paper's
   z_m = X~_m^com); HeDM takes the memory-transformer output sequence (B, T'_m, 2d), the reinforced
   features Z~_{->m}^prt that also feed HeGD;
