@@ -28,7 +28,6 @@ and writes. Bad input (no workdir, no checkpoint, a sample index out of range) e
 
 from __future__ import annotations
 
-import argparse
 import csv
 import importlib.util
 import json
@@ -37,10 +36,11 @@ import pickle
 import sys
 import time
 
+from absl import flags
 import numpy as np
 
 from dhmd_jax import analysis
-from dhmd_jax import checkpoint
+from dhmd_jax import cli
 from dhmd_jax import data as data_lib
 from dhmd_jax import evaluate as evaluate_lib
 from dhmd_jax import metrics as metrics_lib
@@ -684,40 +684,45 @@ def analyze(workdir, *, split="test", compare="", sample=0, out="", which="best"
   return summary
 
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(2)
+COMMAND = cli.Command(
+    prog="python -m dhmd_jax.analyze", summary="Draws the analysis figures of a trained workdir.",
+    required=("workdir",), placeholders={"workdir": "DIR", "compare": "DIR", "out": "DIR"},
+    failures=(AnalyzeError,))
 
 
-def parse_args(argv):
-  parser = _Parser(prog="python -m dhmd_jax.analyze",
-                   description="Draw the analysis figures of a trained workdir.")
-  parser.add_argument("--workdir", required=True, help="a training run's folder")
-  parser.add_argument("--split", default="test", choices=SPLITS)
-  parser.add_argument("--compare", default="", help="a second run's folder (side-by-side edges)")
-  parser.add_argument("--sample", type=int, default=0, help="sample index for the attention maps")
-  parser.add_argument("--out", default="", help="output folder (default <workdir>/analysis)")
-  parser.add_argument("--checkpoint", default="best", choices=("best", "latest"))
-  parser.add_argument("--seed", type=int, default=None,
-                      help="which seed's model (default: the run's first seed)")
-  parser.add_argument("--tsne_samples", type=int, default=400,
-                      help="samples in the t-SNE plots (the paper uses 400)")
-  return parser.parse_args(argv)
+def define_flags(values):
+  """The command's flags, on `values` (each call of `main` its own)."""
+  flags.DEFINE_string("workdir", None, "A training run's folder.", flag_values=values)
+  flags.DEFINE_enum("split", "test", SPLITS, "Split to analyse.", flag_values=values)
+  flags.DEFINE_string("compare", "", "A second run's folder (side-by-side edges).",
+                      flag_values=values)
+  flags.DEFINE_integer("sample", 0, "Sample index for the attention maps.", flag_values=values)
+  flags.DEFINE_string("out", "", "Output folder (default <workdir>/analysis).",
+                      flag_values=values)
+  flags.DEFINE_enum("checkpoint", "best", ["best", "latest"], "Which checkpoint of the run.",
+                    flag_values=values)
+  flags.DEFINE_integer("seed", None, "Which seed's model (default: the run's first seed).",
+                       flag_values=values)
+  flags.DEFINE_integer("tsne_samples", 400, "Samples in the t-SNE plots (the paper uses 400).",
+                       flag_values=values)
 
 
 def main(argv=None):
-  args = parse_args(sys.argv[1:] if argv is None else argv)
-  try:
-    summary = analyze(args.workdir, split=args.split, compare=args.compare, sample=args.sample,
-                      out=args.out, which=args.checkpoint, seed=args.seed,
-                      tsne_samples=args.tsne_samples)
-  except (AnalyzeError, data_lib.DataError, train_lib.TrainingError,
-          checkpoint.CheckpointError) as e:
-    print(f"error: {' '.join(str(e).splitlines())}", file=sys.stderr, flush=True)
-    sys.exit(1)
-  print(f"wrote {len(summary['files'])} files to {os.path.dirname(summary['files'][0])} in "
-        f"{summary['seconds']['total']:.1f} s")
+  """The command line (argv: the flags, default sys.argv[1:]); exits with the status when it
+  fails (1: bad input, 2: a malformed command line)."""
+  values = flags.FlagValues()
+  define_flags(values)
+
+  def write(_):
+    summary = analyze(values.workdir, split=values.split, compare=values.compare,
+                      sample=values.sample, out=values.out, which=values.checkpoint,
+                      seed=values.seed, tsne_samples=values.tsne_samples)
+    print(f"wrote {len(summary['files'])} files to {os.path.dirname(summary['files'][0])} in "
+          f"{summary['seconds']['total']:.1f} s")
+
+  status = cli.run(COMMAND, write, argv, flag_values=values)
+  if status:
+    sys.exit(status)
 
 
 if __name__ == "__main__":

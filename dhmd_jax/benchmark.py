@@ -24,13 +24,13 @@ import sys
 import time
 from typing import Any
 
-from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from configs import mosei
+from dhmd_jax import cli
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
 from dhmd_jax import validation
@@ -286,14 +286,33 @@ def markdown(results, env):
   return "\n".join(lines)
 
 
+COMMAND = cli.Command(
+    prog="python -m dhmd_jax.benchmark",
+    summary="Times training and evaluation on MOSEI-shaped synthetic batches; prints JSON and "
+            "Markdown.", placeholders={"cases": "LAYOUT:BATCH:SEEDS,...", "out": "JSON"})
+
+
+def parse_cases(text):
+  """[(layout, batch, seeds)] of `--cases`; UsageError (one line) for a malformed one."""
+  cases = []
+  for case in text.split(","):
+    parts = case.strip().split(":")
+    if (len(parts) != 3 or parts[0] not in SHAPES or not all(p.isdigit() and int(p) > 0
+                                                              for p in parts[1:])):
+      raise cli.UsageError(f"bad --cases entry {case!r}: write layout:batch:seeds with layout "
+                           f"{' or '.join(SHAPES)}, e.g. --cases=aligned:16:1,unaligned:64:5")
+    cases.append((parts[0], int(parts[1]), int(parts[2])))
+  return cases
+
+
 def main(argv):
   del argv
+  cases = parse_cases(_CASES.value)
   variants = ["dmd", "dhmd"] if _VARIANT.value == "both" else [_VARIANT.value]
   results = []
-  for case in _CASES.value.split(","):
-    layout, batch, seeds = case.split(":")
+  for layout, batch, seeds in cases:
     for variant in variants:
-      r = run_case(variant, layout, int(batch), int(seeds), _STEPS.value, _REPEATS.value)
+      r = run_case(variant, layout, batch, seeds, _STEPS.value, _REPEATS.value)
       results.append(dataclasses.asdict(r))
       print(json.dumps(results[-1]), file=sys.stderr, flush=True)
   env = environment()
@@ -306,4 +325,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(cli.run(COMMAND, main))

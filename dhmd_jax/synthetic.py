@@ -28,7 +28,7 @@ Arrays are float32 and generated chunk by chunk straight into their final buffer
 MOSEI-sized unaligned file (~8.5 GB of arrays) can be written with ~11 GB of RAM. The same seed
 gives byte-identical files.
 
-Usage:
+Usage (absl flags: `--num_train=64`, or with dashes and a space as here):
   python -m dhmd_jax.synthetic --like mosei --aligned --out /tmp/mosei_aligned.pkl
   python -m dhmd_jax.synthetic --like mosi --unaligned --layout multibench --out /tmp/x.pkl \
       --num-train 64 --num-valid 16 --num-test 16 --seed 3
@@ -36,13 +36,14 @@ Usage:
 
 from __future__ import annotations
 
-import argparse
 import os
 import pickle
 import sys
 
+from absl import flags
 import numpy as np
 
+from dhmd_jax import cli
 from dhmd_jax.names import MODALITIES
 
 SPLITS = ("train", "valid", "test")
@@ -344,42 +345,62 @@ def _describe(path, *, like, aligned, layout, sizes):
   return "\n".join(lines)
 
 
+COMMAND = cli.Command(
+    prog="python -m dhmd_jax.synthetic",
+    summary="Writes a deterministic synthetic feature pickle (MMSA or MultiBench layout). Flags "
+            "take their value after = or a space (--like mosi); dashed names work too "
+            "(--num-train 64).",
+    required=("like", "out"), placeholders={"out": "PICKLE"})
+
+
+def define_flags(values):
+  """The command's flags, on `values` (each call of `main` its own)."""
+  flags.DEFINE_enum("like", None, sorted(REAL_SPLIT_SIZES),
+                    "Dataset whose shapes and labels are imitated.", flag_values=values)
+  flags.DEFINE_boolean("aligned", None, "All modalities with the text length (default, except "
+                       "for sims).", flag_values=values)
+  flags.DEFINE_boolean("unaligned", False, "The unaligned lengths of the real files.",
+                       flag_values=values)
+  flags.DEFINE_enum("layout", "mmsa", LAYOUTS, "File layout.", flag_values=values)
+  flags.DEFINE_string("out", None, "Pickle to write.", flag_values=values)
+  for split in SPLITS:
+    flags.DEFINE_integer(f"num_{split}", None, f"Samples in the {split} split (default: --scale "
+                         f"of the real size).", flag_values=values)
+  flags.DEFINE_float("scale", 0.1, "Fraction of the real split sizes for sizes not given.",
+                     flag_values=values)
+  flags.DEFINE_integer("seed", 0, "Generator seed.", flag_values=values)
+  flags.DEFINE_float("nonfinite_fraction", 0.0, "Fraction of real audio values set to -inf "
+                     "(loader tests).", flag_values=values)
+  flags.DEFINE_integer("text_vocab_size", BERT_VOCAB_SIZE, "Vocabulary of the text_bert ids "
+                       "(the default is bert-base-uncased's).", flag_values=values)
+
+
 def main(argv=None):
-  parser = argparse.ArgumentParser(
-      prog="python -m dhmd_jax.synthetic",
-      description="Write a deterministic synthetic feature pickle (MMSA or MultiBench layout).")
-  parser.add_argument("--like", required=True, choices=sorted(REAL_SPLIT_SIZES),
-                      help="dataset whose shapes and labels are imitated")
-  group = parser.add_mutually_exclusive_group()
-  group.add_argument("--aligned", dest="aligned", action="store_true", default=None,
-                     help="all modalities with the text length (default, except for sims)")
-  group.add_argument("--unaligned", dest="aligned", action="store_false")
-  parser.add_argument("--layout", choices=LAYOUTS, default="mmsa")
-  parser.add_argument("--out", required=True, help="pickle to write")
-  parser.add_argument("--num-train", type=int)
-  parser.add_argument("--num-valid", type=int)
-  parser.add_argument("--num-test", type=int)
-  parser.add_argument("--scale", type=float, default=0.1,
-                      help="fraction of the real split sizes for sizes not given (default 0.1)")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--nonfinite-fraction", type=float, default=0.0,
-                      help="fraction of real audio values set to -inf (loader tests)")
-  parser.add_argument("--text-vocab-size", type=int, default=BERT_VOCAB_SIZE,
-                      help="vocabulary of the text_bert ids (default: bert-base-uncased's 30522)")
-  args = parser.parse_args(argv)
-  aligned = args.aligned if args.aligned is not None else args.like != "sims"
-  given = (args.num_train, args.num_valid, args.num_test)
-  sizes = [g if g is not None else max(1, round(args.scale * real))
-           for g, real in zip(given, REAL_SPLIT_SIZES[args.like])]
-  try:
-    write_synthetic(args.out, like=args.like, aligned=aligned, layout=args.layout,
-                    num_train=sizes[0], num_valid=sizes[1], num_test=sizes[2], seed=args.seed,
-                    nonfinite_fraction=args.nonfinite_fraction,
-                    text_vocab_size=args.text_vocab_size)
-  except ValueError as e:
-    parser.error(str(e))
-  print(_describe(args.out, like=args.like, aligned=aligned, layout=args.layout, sizes=sizes))
-  return 0
+  """The command line (argv: the flags, default sys.argv[1:]); returns the exit status."""
+  values = flags.FlagValues()
+  define_flags(values)
+
+  def write(_):
+    if values.unaligned and values.aligned:
+      raise cli.UsageError("--aligned and --unaligned exclude each other: give one")
+    if values.aligned is not None:
+      aligned = values.aligned
+    else:
+      aligned = not values.unaligned and values.like != "sims"
+    given = (values.num_train, values.num_valid, values.num_test)
+    sizes = [g if g is not None else max(1, round(values.scale * real))
+             for g, real in zip(given, REAL_SPLIT_SIZES[values.like])]
+    try:
+      write_synthetic(values.out, like=values.like, aligned=aligned, layout=values.layout,
+                      num_train=sizes[0], num_valid=sizes[1], num_test=sizes[2],
+                      seed=values.seed, nonfinite_fraction=values.nonfinite_fraction,
+                      text_vocab_size=values.text_vocab_size)
+    except ValueError as e:  # a combination the layouts do not have
+      raise cli.UsageError(str(e)) from None
+    print(_describe(values.out, like=values.like, aligned=aligned, layout=values.layout,
+                    sizes=sizes))
+
+  return cli.run(COMMAND, write, argv, flag_values=values)
 
 
 if __name__ == "__main__":

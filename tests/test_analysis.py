@@ -179,7 +179,7 @@ def test_attention_maps_of_the_model(run):
   model, params = run["model"], run["params"]
   batch = analysis.sample_batch(run["arrays"], 2)
   maps = analysis.attention_maps(model, params, batch)
-  s = model.settings
+  s = model.settings.model
   t = [m.shape[1] for m in analysis.frame_masks(model, batch)]  # T'_m of L, V, A
   assert set(maps) == set(analysis.STACK_BRANCHES)
   assert list(maps["cross_transformers"]) == ["A->L", "V->L", "L->V", "A->V", "L->A", "V->A"]
@@ -485,8 +485,10 @@ def test_bad_sample_index(analyzed, capsys):
 
 
 def test_bad_command_line(capsys):
-  _fails(capsys, ["--workdir=x", "--split=dev"], status=2)
-  _fails(capsys, [], status=2)
+  err = _fails(capsys, ["--workdir=x", "--split=dev"], status=2)
+  assert err.startswith("error: bad value for --split: 'dev'"), err
+  err = _fails(capsys, [], status=2)
+  assert err == "error: --workdir is required (python -m dhmd_jax.analyze --help lists the flags)"
 
 
 def test_the_module_entry_point(tmp_path):

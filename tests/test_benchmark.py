@@ -2,6 +2,9 @@
 weights as inputs), its numbers are consistent with each other, and its Markdown keeps the
 columns that ../shared/bench/side_by_side.sh reads."""
 
+import os
+import subprocess
+import sys
 import types
 
 import jax
@@ -13,6 +16,8 @@ from configs import tiny
 from dhmd_jax import benchmark
 from dhmd_jax import train as train_lib
 from dhmd_jax.models import dhmd as dhmd_model
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -52,7 +57,7 @@ def test_a_case_runs_the_trainers_program_and_reports_consistent_numbers(tiny_be
 
   result = tiny_benchmark.run_case("dmd", "aligned", batch=8, num_seeds=2, num_steps=2,
                                    repeats=1)
-  assert result.ms_per_step > 0 and result.compile_s >= 0 and result.step_gflops > 0
+  assert result.ms_per_step > 0 and result.step_gflops > 0  # (compile_s is max(0, ...) by code)
   np.testing.assert_allclose(result.samples_per_s,
                              8 * result.micro_batches * 2 * 1e3 / result.ms_per_step)
   one_seed = jax.tree.map(lambda a: a[0], params)
@@ -75,3 +80,13 @@ def test_markdown_keeps_the_columns_the_side_by_side_harness_reads():
   assert (names[6], names[7], names[8]) == ("compile s", "ms/step", "samples/s")
   assert (fields[6], fields[7], fields[8]) == ("12.5", "230.3", "69.5")
   assert len(fields) == len(names)
+
+
+def test_a_malformed_case_is_one_line_and_status_2():
+  proc = subprocess.run([sys.executable, "-m", "dhmd_jax.benchmark",
+                         "--cases=aligned:16:1,aligned:16"], cwd=REPO, capture_output=True,
+                        text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr.splitlines() == [
+      "error: bad --cases entry 'aligned:16': write layout:batch:seeds with layout aligned or "
+      "unaligned, e.g. --cases=aligned:16:1,unaligned:64:5"]

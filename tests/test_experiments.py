@@ -171,7 +171,8 @@ def test_vmapped_loss_weight_sweep_equals_separate_runs(table6_grid, tmp_path):
 
   Exactly equal: the weights enter as inputs, and the program has two runs like the plain runs'
   two seeds (a wider vmapped axis changes XLA's rounding on the CPU by ~1e-7, which training
-  then amplifies; the README says so). Two runs also means only the chunk compiles anew."""
+  then amplifies; docs/experiments.md says so). Two runs also means only the chunk compiles
+  anew."""
   source, _, _, _ = table6_grid
   workdir = str(tmp_path / "sweep")
   argv = [f"--config={TINY_FD}", ONE_EPOCH, "--config.train.seeds=(1111,)",
@@ -261,6 +262,23 @@ def test_bad_input_is_one_line(main, args, fragments, tmp_path):
     status, out, err = run_main(main, [f"--config={TINY}", f"--workdir={tmp_path / 'g'}", *args])
   _one_line_error(status, out, err, 2, *fragments)
   assert calls == [] and not os.path.exists(tmp_path / "g")
+
+
+def test_help_and_ctrl_c(tmp_path, monkeypatch):
+  status, out, err = run_main(table6.main, ["--help"])
+  assert (status, err) == (0, "")
+  assert out.startswith("usage: python -m dhmd_jax.experiments.table6 [--config=FILE[:ARG]]")
+  for text in ("--variants=", "--reference=", "--reuse=", "--config.train.num_epochs=",
+               "--helpfull"):
+    assert text in out, text
+  status, out, _ = run_main(sweep.main, ["--helpfull"])
+  assert status == 0 and "--lambda_dec=" in out and "--config.dm.num_elements=" in out
+
+  def interrupted(*args, **kwargs):
+    raise KeyboardInterrupt
+  monkeypatch.setattr(grid, "run_grid", interrupted)
+  status, out, err = run_main(table8.main, [f"--config={TINY}", f"--workdir={tmp_path}"])
+  assert (status, out, err) == (130, "", "interrupted; rerun the same command to resume\n")
 
 
 def test_a_workdir_holding_another_grid_is_refused(table6_grid, tmp_path):

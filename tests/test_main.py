@@ -69,6 +69,12 @@ def test_command_line_mistakes_are_one_line_and_status_2(tmp_path, args, expecte
   assert not workdir.exists()  # stopped before any work
 
 
+def test_a_flag_without_its_value_at_the_end(tmp_path):
+  line = _one_error_line(_run(TINY, f"--workdir={tmp_path / 'run'}", "--output"))
+  assert line == "error: --output needs a value (--output=...)"
+  assert not (tmp_path / "run").exists()
+
+
 def test_config_file_that_does_not_load(tmp_path):
   line = _one_error_line(_run("--config=configs/tiny_typo.py"))
   assert line.startswith("error: config file configs/tiny_typo.py does not exist: pass "
@@ -103,11 +109,12 @@ def test_help_shows_the_common_fields_and_where_all_are_documented():
 
 _PARSE = """
 import sys
+from dhmd_jax import cli
 from dhmd_jax import main
-rest = main._parse_flags(["main.py", *sys.argv[1:]])
-config = main.flags.FLAGS.config
+rest = cli.parse(main.COMMAND, ["main.py", *sys.argv[1:]])
+config = main._CONFIG.value
 print(len(rest), config.train.num_epochs, config.model.use_dm, config.train.seeds)
-print(sorted(main._explicit_fields()))
+print(sorted(cli.explicit_fields()))
 """
 
 

@@ -227,3 +227,17 @@ def test_cli_writes_a_file_and_prints_shapes(tmp_path):
                        check=False)
   assert bad.returncode != 0 and "only unaligned" in bad.stderr
   assert not (tmp_path / "x.pkl").exists()
+
+
+def test_cli_takes_absl_and_dashed_flag_names(tmp_path, capsys):
+  out = tmp_path / "u.pkl"
+  assert synthetic.main(["--like=mosi", "--num_train=3", "--num-valid", "2", "--num_test=2",
+                         "--text-vocab-size=128", f"--out={out}"]) == 0
+  with open(out, "rb") as f:
+    data = pickle.load(f)
+  assert len(data["valid"]["id"]) == 2 and data["train"]["text_bert"].max() < 128
+  capsys.readouterr()
+  assert synthetic.main(["--like=mosi", "--aligned", "--unaligned", f"--out={out}.2"]) == 2
+  assert capsys.readouterr().err == (
+      "error: --aligned and --unaligned exclude each other: give one\n")
+  assert not os.path.exists(f"{out}.2")

@@ -170,3 +170,16 @@ def test_the_command_line_answers_a_bad_value_in_one_line(tmp_path):
   assert lines == ["error: config.loss.margin_mode = 'papr' is invalid: expected one of "
                    "'code', 'paper'"], proc.stderr[-2000:]
   assert not (tmp_path / "w").exists()
+
+
+def test_help_shows_each_fields_comment_and_rule():
+  proc = subprocess.run([sys.executable, "-m", "dhmd_jax.main", "--helpfull"], cwd=REPO,
+                        capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = " ".join(proc.stdout.split())  # unwrapped
+  assert ("--config.model.fusion='code' Fusion: \"code\" = [sigmoid(W h_l)" in text
+          and "Allowed: one of 'code', 'paper'." in text)
+  assert "--config.train.plateau_factor=0.5" in text
+  assert "Allowed: a number > 0.0 and <= 1.0." in text
+  for field in validation.rules():  # every field is listed
+    assert f"--config.{field}=" in text, field

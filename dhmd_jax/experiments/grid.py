@@ -21,13 +21,13 @@ loss-weight sweep trained in one program (`Run.loss_weights`), one row per value
 runs are value-major (`train.sweep_runs`), so value i owns runs i*S .. i*S + S - 1, which pair
 with seed order of every other row.
 
-The command line (`parse_args`) takes `--config=FILE[:ARG]`, `--config.FIELD=VALUE` overrides
-(checked like `dhmd_jax.main`), `--workdir` and each command's own flags; any mistake is one line
-`error: ...` and exit status 2, a run that fails one line and status 1, Ctrl-C status 130. JAX
-and the trainer are imported only when a grid starts, so a mistake is answered at once.
+The command line (`flag_values`, `run_command`: absl flags run by `dhmd_jax.cli`, as
+`dhmd_jax.main`) takes `--config=FILE[:ARG]`, `--config.FIELD=VALUE` overrides, `--workdir` and
+each command's own flags; any mistake is one line `error: ...` and exit status 2, a run that
+fails one line and status 1, Ctrl-C status 130. JAX and the trainer are imported only when a
+grid starts, so a mistake is answered at once.
 """
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -36,13 +36,14 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
+from absl import flags
 import ml_collections
-from ml_collections import config_flags
 import numpy as np
 
 from configs import ablations
+from dhmd_jax import cli
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import stats
@@ -76,7 +77,7 @@ class GridError(Exception):
   """A grid that cannot go on; the message is one line (exit status 1)."""
 
 
-class UsageError(Exception):
+class UsageError(cli.UsageError):
   """A mistake on the command line; the message is one line (exit status 2)."""
 
 
@@ -486,26 +487,37 @@ RESULTS_JSON = "results.json"
 
 # ----------------------------------------------------------------------------- command line
 
+# Config fields a grid's --help shows (--helpfull: all); the variants set the model's switches.
+COMMON_FIELDS = ("dataset.name", "dataset.path", "dataset.format", "dataset.cache_dir",
+                 "train.seeds", "train.num_epochs", "train.batch_size", "train.learning_rate")
 
-class _Parser(argparse.ArgumentParser):
-  def error(self, message):
-    raise UsageError(message)
+
+def flag_values():
+  """New absl flags with what every grid command has; the command adds its own. Each call gets
+  its own: a command may run more than once in one process (as the tests run them)."""
+  values = flags.FlagValues()
+  cli.define_config(DEFAULT_CONFIG, flag_values=values)
+  flags.DEFINE_string("workdir", "", "The grid's folder (empty: runs/<command>).",
+                      flag_values=values)
+  flags.DEFINE_enum("split", "test", ["test", "valid"],
+                    "Split of the tables (the model is always selected on valid).",
+                    flag_values=values)
+  flags.DEFINE_string("metrics", "", "Comma list of metrics for the tables.", flag_values=values)
+  flags.DEFINE_string("reuse", "", "Comma list of other grids' workdirs: a run this grid plans "
+                      "alike that finished there is copied instead of trained again.",
+                      flag_values=values)
+  return values
 
 
-def parser(prog, description):
-  """The flags every grid command has; commands add their own."""
-  p = _Parser(prog=prog, description=description, add_help=True, allow_abbrev=False)
-  p.add_argument("--config", default=DEFAULT_CONFIG,
-                 help="Dataset config FILE[:ARG] (configs/*.py); --config.FIELD=VALUE overrides "
-                      "a field (configs/default.py documents them). Default configs/synthetic.py.")
-  p.add_argument("--workdir", default="", help="The grid's folder (default runs/<command>).")
-  p.add_argument("--split", default="test", choices=("test", "valid"),
-                 help="Split of the tables (the model is always selected on valid).")
-  p.add_argument("--metrics", default="", help="Comma list of metrics for the tables.")
-  p.add_argument("--reuse", default="",
-                 help="Comma list of other grids' workdirs: a run this grid plans alike that "
-                      "finished there is copied instead of trained again.")
-  return p
+def run_command(kind, summary, values, make_report, argv=None):
+  """Runs a grid command (`cli.run`): parses `argv` into `values`, prints `make_report()` (the
+  report's Markdown) and returns the exit status; every failure is one line."""
+  command = cli.Command(
+      prog=f"python -m dhmd_jax.experiments.{kind}", summary=summary,
+      placeholders={"workdir": "DIR", "metrics": "LIST", "reuse": "DIRS"},
+      common_fields=COMMON_FIELDS, interrupted="interrupted; rerun the same command to resume",
+      failures=(GridError,))
+  return cli.run(command, lambda _: print(make_report(), flush=True), argv, flag_values=values)
 
 
 def reuse_dirs(args):
@@ -517,97 +529,12 @@ def reuse_dirs(args):
   return dirs
 
 
-def parse_args(p, argv):
-  """(argparse namespace, config): the command's flags and the config with its overrides."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  overrides, rest = [], []
-  for arg in argv:
-    if arg.startswith("--config.") or arg.startswith("--noconfig."):
-      overrides.append(arg)
-    else:
-      rest.append(arg)
-  args = p.parse_args(rest)
-  config = load_config(args.config, overrides)
-  for flag in ("workdir",):
-    value = getattr(args, flag)
-    if value.startswith("-"):
-      raise UsageError(f"--{flag} needs a value (--{flag}=...), got {value!r}")
-  return args, config
-
-
-def load_config(config_arg, overrides):
-  """The config `--config=FILE[:ARG]` names, with `--config.FIELD=VALUE` overrides applied."""
-  try:
-    config = validation.load_config_file(config_arg)
-  except validation.ConfigError as error:
-    raise UsageError(str(error)) from None
-  fields = validation.config_fields(config)
-  for arg_text in overrides:
-    name = arg_text.split("=", 1)[0].split(".", 1)[1]
-    if name not in fields:
-      hint = (validation.did_you_mean(name, fields) or
-              "configs/default.py declares every field")
-      raise UsageError(f"unknown config field {name}; {hint}")
-  if overrides:
-    from absl import flags  # pylint: disable=g-import-not-at-top
-    values = flags.FlagValues()
-    argv = ["grid"] + overrides
-    try:
-      config_flags.DEFINE_config_dict("config", config, flag_values=values, lock_config=True,
-                                      sys_argv=argv)
-      values(argv)
-    except (flags.Error, AttributeError, TypeError, ValueError) as error:
-      raise UsageError(f"bad config override: {validation.first_line(error)}") from None
-    for arg_text in overrides:
-      name = arg_text.split("=", 1)[0].split(".", 1)[1]
-      before, after = fields[name], validation.config_fields(config)[name]
-      if isinstance(before, tuple) and before and isinstance(after, tuple):
-        kinds = {type(v) for v in before}
-        if not all(type(v) in kinds or (float in kinds and type(v) is int) for v in after):
-          raise UsageError(f"bad value for --config.{name}: {after!r} is not a tuple of "
-                           f"{'/'.join(sorted(k.__name__ for k in kinds))} (now {before!r})")
-  return config
-
-
-
-
 def validate(config, where):
   """The trainer's config check, before any run starts (one line naming the run)."""
-  from dhmd_jax import validation  # pylint: disable=g-import-not-at-top
   try:
     validation.validate(config)
   except validation.ConfigError as error:
     raise UsageError(f"{where}: {error}") from None
-
-
-def cli(main_fn: Callable[[Optional[list]], str], argv=None):
-  """Runs `main_fn(argv)` (which returns the report's Markdown) with one-line errors."""
-  # pylint: disable=g-import-not-at-top
-  try:
-    markdown = main_fn(argv)
-  except UsageError as error:
-    return _stop(f"error: {error}", 2)
-  except GridError as error:
-    return _stop(f"error: {error}", 1)
-  except KeyboardInterrupt:
-    return _stop("interrupted; rerun the same command to resume", 130)
-  except Exception as error:  # the trainer's one-line errors
-    from dhmd_jax import checkpoint
-    from dhmd_jax import data as data_lib
-    from dhmd_jax import train as train_lib
-    if isinstance(error, train_lib.Interrupted):
-      return _stop(f"{error}", 130)
-    if isinstance(error, (train_lib.TrainingError, data_lib.DataError,
-                          checkpoint.CheckpointError)):
-      return _stop(f"error: {error}", 1)
-    raise
-  print(markdown, flush=True)
-  return 0
-
-
-def _stop(line, status):
-  print(line, file=sys.stderr, flush=True)
-  return status
 
 
 # ----------------------------------------------------------------------------- variant grids
@@ -637,19 +564,24 @@ def variant_runs(base, variants):
           for v in variants]
 
 
-def add_variant_flags(p, default_variants, reference):
-  p.add_argument("--variants", default="",
-                 help=f"Comma list of variants (default {','.join(default_variants)}); any of "
-                      f"{', '.join(VARIANTS)}.")
-  p.add_argument("--reference", default=reference,
-                 help=f"The row the others are compared with (default {reference}).")
+def add_variant_flags(values, default_variants, reference):
+  flags.DEFINE_string("variants", "", f"Comma list of variants (empty: "
+                      f"{','.join(default_variants)}); any of {', '.join(VARIANTS)}.",
+                      flag_values=values)
+  flags.DEFINE_string("reference", reference, "The row the others are compared with.",
+                      flag_values=values)
 
 
 def variant_grid(kind, argv, *, default_variants, reference, title, description):
   """table6 and table8: one run per variant, one table of the configured metrics."""
-  p = parser(f"python -m dhmd_jax.experiments.{kind}", description)
-  add_variant_flags(p, default_variants, reference)
-  args, base = parse_args(p, argv)
+  values = flag_values()
+  add_variant_flags(values, default_variants, reference)
+  return run_command(kind, description, values, lambda: _variant_report(
+      kind, values, default_variants=default_variants, title=title), argv)
+
+
+def _variant_report(kind, args, *, default_variants, title):
+  base = args.config
   variants = pick_variants(args.variants, default_variants, args.reference)
   family = metric_family(base)
   metrics = pick_metrics(args.metrics, family)

@@ -31,6 +31,7 @@ import os
 import sys
 import time
 
+from absl import flags
 import ml_collections
 
 from dhmd_jax import validation
@@ -126,18 +127,21 @@ def plan(base, values, *, separate=False, metrics=()):
   return runs, tables
 
 
-def _main(argv):
-  p = grid.parser("python -m dhmd_jax.experiments.sweep", __doc__.split("\n")[0])
-  p.add_argument("--params", default=",".join(DEFAULT_PARAMS),
-                 help=f"Comma list of what to sweep, of {', '.join(PARAMS)} "
-                      f"(default {','.join(DEFAULT_PARAMS)}).")
+def main(argv=None):
+  values = grid.flag_values()
+  flags.DEFINE_string("params", ",".join(DEFAULT_PARAMS),
+                      f"Comma list of what to sweep, of {', '.join(PARAMS)}.", flag_values=values)
   for param in PARAMS:
-    p.add_argument(f"--{param}", default=None,
-                   help=f"Values of {FIELDS[param]} (default {DEFAULT_VALUES[param]}).")
-  p.add_argument("--separate", action="store_true",
-                 help="Train each loss-weight value as its own program (default: all values "
-                      "of a weight in one vmapped program).")
-  args, base = grid.parse_args(p, argv)
+    flags.DEFINE_string(param, None, f"Values of {FIELDS[param]} (default "
+                        f"{DEFAULT_VALUES[param]}).", flag_values=values)
+  flags.DEFINE_boolean("separate", False, "Train each loss-weight value as its own program "
+                       "(default: all values of a weight in one vmapped program).",
+                       flag_values=values)
+  return grid.run_command("sweep", __doc__.split("\n")[0], values, lambda: _report(values), argv)
+
+
+def _report(args):
+  base = args.config
   params = [q.strip() for q in args.params.split(",") if q.strip()]
   unknown = [q for q in params if q not in PARAMS]
   if unknown or not params:
@@ -168,10 +172,6 @@ def _main(argv):
                            outcome=outcome, per_seed=grid.collect(runs, outcome, args.split),
                            split=args.split, start_time=start,
                            extra={"values": values, "separate": args.separate})
-
-
-def main(argv=None):
-  return grid.cli(_main, argv)
 
 
 if __name__ == "__main__":

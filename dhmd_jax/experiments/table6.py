@@ -18,13 +18,9 @@ VARIANTS = ("full", "no_dm", "no_gd", "fd_ca", "ca_dm", "fd", "none")
 TITLE = "Table 6: ablation of the components (FD, CA, GD, DM)"
 
 
-def _main(argv):
+def main(argv=None):
   return grid.variant_grid("table6", argv, default_variants=VARIANTS, reference="full",
                            title=TITLE, description=__doc__.split("\n")[0])
-
-
-def main(argv=None):
-  return grid.cli(_main, argv)
 
 
 if __name__ == "__main__":

@@ -153,10 +153,15 @@ def tables_for(variants, reference, metrics):
   return tables
 
 
-def _main(argv):
-  p = grid.parser("python -m dhmd_jax.experiments.table7", __doc__.split("\n")[0])
-  grid.add_variant_flags(p, VARIANTS, "full")
-  args, base = grid.parse_args(p, argv)
+def main(argv=None):
+  values = grid.flag_values()
+  grid.add_variant_flags(values, VARIANTS, "full")
+  return grid.run_command("table7", __doc__.split("\n")[0], values, lambda: _report(values),
+                          argv)
+
+
+def _report(args):
+  base = args.config
   variants = grid.pick_variants(args.variants, VARIANTS, args.reference)
   family = grid.metric_family(base)
   metrics = grid.pick_metrics(args.metrics, family, default=HEAD_METRICS[family])
@@ -178,10 +183,6 @@ def _main(argv):
                            outcome=outcome, per_seed=per_seed, split=args.split,
                            legend=grid.legend(variants) + "\n\n" + note, lower_is_better=lower,
                            start_time=start)
-
-
-def main(argv=None):
-  return grid.cli(_main, argv)
 
 
 if __name__ == "__main__":

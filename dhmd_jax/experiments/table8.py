@@ -16,13 +16,9 @@ VARIANTS = ("mult", "mult_gd", "mult_gd_dm", "full")
 TITLE = "Table 8: graph distillation and dictionary matching on MulT, beside DHMD (full)"
 
 
-def _main(argv):
+def main(argv=None):
   return grid.variant_grid("table8", argv, default_variants=VARIANTS, reference="full",
                            title=TITLE, description=__doc__.split("\n")[0])
-
-
-def main(argv=None):
-  return grid.cli(_main, argv)
 
 
 if __name__ == "__main__":
