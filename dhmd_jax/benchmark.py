@@ -272,7 +272,8 @@ def environment():
 
 def markdown(results, env):
   lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}", "",
-           # New columns go at the end: ../shared/bench/side_by_side.sh reads columns 6-8.
+           # New columns go at the end: a side-by-side harness reads columns 6-8 (compile s,
+           # ms/step, samples/s).
            "| model | layout | batch | micro-batches/step | seeds | compile s | ms/step "
            "| samples/s | GFLOP/step | % CPU peak | eval samples/s | text | parameters |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

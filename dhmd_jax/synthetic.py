@@ -2,7 +2,7 @@
 
 The real pickles cannot be downloaded on the project machines, so tests and the default run use
 files written here. They have every key, dtype and shape of the real layouts
-(`shared/reference/data-formats.md`) and a planted, learnable structure:
+(docs/data.md) and a planted, learnable structure:
 
 * every sample has a latent sentiment z ~ N(0, 1). Regression labels are z scaled to the label
   range, rounded to the dataset's label grid and clipped (MOSI/MOSEI: multiples of 1/3 in

@@ -1,6 +1,6 @@
 """dhmd_jax.benchmark on the tiny model: the chunk it times is the trainer's program (the loss
 weights as inputs), its numbers are consistent with each other, and its Markdown keeps the
-columns that ../shared/bench/side_by_side.sh reads."""
+columns that a side-by-side harness reads (docs/performance.md)."""
 
 import os
 import subprocess
