@@ -353,13 +353,10 @@ def missing_modality(config, model, stacked_params, arrays, *, batch_size: Optio
           "rows": rows}
 
 
-RAW_METRICS = ("MAE", "Corr")  # printed raw; every other metric (accuracy, F1, ...) in percent
-
-
 def as_percent(table):
   """{variant: {metric: values}} with accuracies/F1 (every metric but MAE and Corr) x 100, as
   the run's report prints them."""
-  return {v: {m: [x if m in RAW_METRICS or x is None else 100.0 * x for x in values]
+  return {v: {m: [x if m in metrics_lib.RAW_METRICS or x is None else 100.0 * x for x in values]
               for m, values in by_metric.items()} for v, by_metric in table.items()}
 
 

@@ -47,10 +47,11 @@ from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import stats
 from dhmd_jax import train as train_lib
+from dhmd_jax import workdir as workdir_lib
 from dhmd_jax.names import EDGE_NAMES
 from dhmd_jax.names import MODALITY_LETTERS
+from dhmd_jax.names import SPLITS
 
-SPLITS = ("train", "valid", "test")
 SPACE_TITLES = {"homo": "HoGD", "hetero": "HeGD"}
 DM_TITLES = {"homo": "HoDM", "hetero": "HeDM"}
 MODALITY_COLORS = ("tab:blue", "tab:orange", "tab:green")
@@ -568,7 +569,7 @@ def missing_modality_table(config, model, params, arrays, out_dir, written, *, s
   """Metrics per condition (modalities removed at test time) against the full input."""
   result = analysis.missing_modality(config, model, params, arrays)
   family = metrics_lib.metric_family(metrics_lib.metrics_dataset(config), config.dataset.task)
-  headline = [m for m in reporting.HEADLINE[family] if m in result["per_seed"]["L+V+A"]]
+  headline = [m for m in metrics_lib.REPORTED[family] if m in result["per_seed"]["L+V+A"]]
   names = dict(result["conditions"])
   order = list(names)
   rows = sorted((r for r in result["rows"] if r["metric"] in headline),
@@ -714,9 +715,11 @@ def main(argv=None):
   define_flags(values)
 
   def write(_):
-    summary = analyze(values.workdir, split=values.split, compare=values.compare,
-                      sample=values.sample, out=values.out, which=values.checkpoint,
-                      seed=values.seed, tsne_samples=values.tsne_samples)
+    # Holds the workdir (no training starts under it), or reads beside its training.
+    with workdir_lib.reading(values.workdir, "analysis"):
+      summary = analyze(values.workdir, split=values.split, compare=values.compare,
+                        sample=values.sample, out=values.out, which=values.checkpoint,
+                        seed=values.seed, tsne_samples=values.tsne_samples)
     print(f"wrote {len(summary['files'])} files to {os.path.dirname(summary['files'][0])} in "
           f"{summary['seconds']['total']:.1f} s")
 

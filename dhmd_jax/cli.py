@@ -9,7 +9,10 @@ the command ends to one line on stderr and an exit status:
   config field, with "did you mean" when one is close; an ill-typed value; a flag without its
   value; a config file that does not load): `error: ...`, status 2, before any work starts;
 * a run that cannot go on (the command's own errors, `Command.failures`, and the library's
-  `DataError`, `TrainingError`, `CheckpointError`): `error: ...`, status 1;
+  `DataError`, `TrainingError`, `CheckpointError`, `workdir.WriteError`: a full disk):
+  `error: ...`, status 1;
+* a workdir that another process holds (`workdir.Busy`): `error: ...` naming its pid, host and
+  start time, status 3, before the command touches it;
 * Ctrl-C: one line, status 130 (the trainer's own line when it stopped at a safe point);
 * `--help` (`-h`, `--helpshort`, `-?`; `--helpfull` lists every config field): status 0.
 
@@ -118,9 +121,11 @@ def run(command: Command, main: Callable[[list], Any], argv: Optional[list] = No
   except Exception as error:  # pylint: disable=broad-except
     if isinstance(error, _library_errors("dhmd_jax.train", "Interrupted")):
       return _stop(_one_line(error), 130)
+    if isinstance(error, _library_errors("dhmd_jax.workdir", "Busy")):
+      return _stop(f"error: {_one_line(error)}", 3)  # workdir.BUSY_STATUS
     if isinstance(error, command.failures + _library_errors(
         "dhmd_jax.data", "DataError", "dhmd_jax.train", "TrainingError",
-        "dhmd_jax.checkpoint", "CheckpointError")):
+        "dhmd_jax.checkpoint", "CheckpointError", "dhmd_jax.workdir", "WriteError")):
       return _stop(f"error: {_one_line(error)}", 1)
     raise
   return status if isinstance(status, int) else 0

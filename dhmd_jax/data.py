@@ -36,6 +36,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import pickle
 import re
@@ -46,8 +47,10 @@ import numpy as np
 
 from dhmd_jax import synthetic
 from dhmd_jax.names import MODALITIES
+from dhmd_jax.names import SPLITS
 
-SPLITS = ("train", "valid", "test")
+_LOG = logging.getLogger(__name__)
+
 FORMATS = ("mmsa", "multibench")
 TASKS = ("regression", "binary")
 NONFINITE_MODES = ("zero", "error")
@@ -374,9 +377,9 @@ def _cache_location(spec, fingerprint):
   if manifest is not None and _manifest_problem(manifest, spec, fingerprint) is None:
     return beside
   cache_dir = os.path.join(_user_cache_root(), _user_cache_name(spec.path, fingerprint))
-  print(f"data folder {folder} is not writable: the feature cache of "
-        f"{os.path.basename(spec.path)} is {cache_dir} (set --config.dataset.cache_dir to choose "
-        f"another)", flush=True)
+  _LOG.info("data folder %s is not writable: the feature cache of %s is %s (set "
+            "--config.dataset.cache_dir to choose another)", folder, os.path.basename(spec.path),
+            cache_dir)
   return cache_dir
 
 

@@ -5,9 +5,15 @@ run's newest readable checkpoint, either the models selected on validation (`bes
 parameters of the last epoch (`latest`), for every seed, then reuse the training code's batched
 prediction and metrics. The selected models and the best epochs come from the same checkpoint,
 so they always agree with the run's `results.json`.
+
+Both hold the workdir's lock while they run (`workdir.reading`), so no training starts under
+them. On a workdir that a training holds they run beside it, on its newest complete checkpoint
+(committed, with a manifest that matches: never one being written), and say so in one line on
+stderr; with no complete checkpoint yet, one line says why not.
 """
 
 import json
+import logging
 import os
 
 import jax
@@ -21,8 +27,11 @@ from dhmd_jax import reporting
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
 from dhmd_jax import validation
+from dhmd_jax import workdir as workdir_lib
+from dhmd_jax.names import SPLITS
 
-SPLITS = ("train", "valid", "test")
+_LOG = logging.getLogger(__name__)
+
 # Fields a command may set differently from the run it evaluates: where the data and caches are,
 # how predictions are batched, and logging. Everything else comes from the run's config.json.
 MAY_DIFFER = ("dataset.path", "dataset.cache_dir", "dataset.rebuild_cache",
@@ -48,6 +57,9 @@ def run_config(workdir, *, given=None, explicit=()):
   """
   path = os.path.join(workdir, "config.json")
   if not os.path.exists(path):
+    with workdir_lib.reading(workdir, "evaluate") as trainer:
+      if _training(trainer):
+        raise train_lib.TrainingError(_not_yet(workdir, trainer, "config.json"))
     raise train_lib.TrainingError(
         f"{path} not found: --workdir must be a folder written by a training run "
         f"(python -m dhmd_jax.main --config=... --workdir={workdir})")
@@ -93,19 +105,34 @@ def restore_params(config, workdir, which="best"):
                                               text_encoder=config.model.text_encoder))
   abstract = jax.eval_shape(
       jax.vmap(lambda k: steps.init_state(config, model, sample, k)), init_keys)
-  ckpt = checkpoint.Checkpointer(workdir, read_only=True)
-  try:
-    restored = ckpt.restore(state=abstract, best_params=abstract.params,
-                            check_host=lambda _, host: _refuse_sweep(workdir, host))
-  finally:
-    ckpt.close()
+  with workdir_lib.reading(workdir, "reading a checkpoint") as trainer:
+    ckpt = checkpoint.Checkpointer(workdir, read_only=True)
+    try:
+      restored = ckpt.restore(state=abstract, best_params=abstract.params,
+                              check_host=lambda _, host: _refuse_sweep(workdir, host))
+    finally:
+      ckpt.close()
   if restored is None:
+    if _training(trainer):
+      raise train_lib.TrainingError(_not_yet(workdir, trainer, "checkpoint"))
     raise train_lib.TrainingError(
         f"no checkpoint in {os.path.join(workdir, 'checkpoints', 'latest')}; train first with "
         f"python -m dhmd_jax.main --config=... --workdir={workdir}")
   epoch, arrays, _ = restored
+  if trainer is not None:
+    _LOG.warning("note: %s is in use (%s); reading its newest complete checkpoint, of epoch %d",
+                 workdir, workdir_lib.describe(trainer), epoch)
   params = arrays["best_params"] if which == "best" else arrays["state"].params
   return dataset, model, params, epoch
+
+
+def _training(holder):
+  return holder is not None and holder.get("what") == "training"
+
+
+def _not_yet(workdir, holder, what):
+  return (f"{workdir} has no {what} yet: it is in use ({workdir_lib.describe(holder)}); rerun "
+          f"once its first epoch has ended")
 
 
 def _refuse_sweep(workdir, host):
@@ -131,19 +158,21 @@ def _predict(config, workdir, split, which):
 
 def evaluate(config, workdir, *, split="test", which="best"):
   """Metrics of every seed's model on `split`: {"per_seed": {...}, "summary": {...}}."""
-  _, labels, preds = _predict(config, workdir, split, which)
-  per_seed = metrics_lib.split_metrics(config, preds, labels)
-  result = {"split": split, "checkpoint": which, "seeds": [int(s) for s in config.train.seeds],
-            "per_seed": per_seed, "summary": reporting.summarize_seeds(per_seed)}
-  reporting.write_json(os.path.join(workdir, f"eval_{split}_{which}.json"), result)
+  with workdir_lib.reading(workdir, "evaluate"):
+    _, labels, preds = _predict(config, workdir, split, which)
+    per_seed = metrics_lib.split_metrics(config, preds, labels)
+    result = {"split": split, "checkpoint": which, "seeds": [int(s) for s in config.train.seeds],
+              "per_seed": per_seed, "summary": reporting.summarize_seeds(per_seed)}
+    reporting.write_json(os.path.join(workdir, f"eval_{split}_{which}.json"), result)
   return result
 
 
 def predict(config, workdir, *, split="test", which="best", output=""):
   """Writes per-sample predictions with their ids to CSV; returns the path."""
-  dataset, labels, preds = _predict(config, workdir, split, which)
-  path = output or os.path.join(workdir, f"predictions_{split}_{which}.csv")
-  reporting.write_predictions(path, dataset.splits[split].ids, labels,
-                              metrics_lib.point_predictions(config.dataset.task, preds),
-                              [int(s) for s in config.train.seeds])
+  with workdir_lib.reading(workdir, "predict"):
+    dataset, labels, preds = _predict(config, workdir, split, which)
+    path = output or os.path.join(workdir, f"predictions_{split}_{which}.csv")
+    reporting.write_predictions(path, dataset.splits[split].ids, labels,
+                                metrics_lib.point_predictions(config.dataset.task, preds),
+                                [int(s) for s in config.train.seeds])
   return path

@@ -13,6 +13,9 @@ predict read the run's own config from the workdir. `--help` shows the common co
 A mistake on the command line (an unknown or ill-typed `--config.*` field, an unknown flag, a
 config file that does not load) stops with one line `error: ...` and exit status 2; a run that
 cannot go on stops with one line and status 1; Ctrl-C with one line and status 130 (`dhmd_jax.cli`).
+A workdir that another process is training (or evaluating) stops a training with one line naming
+it and status 3 (`dhmd_jax.workdir`); evaluate and predict beside a training read its newest
+complete checkpoint.
 """
 
 import json

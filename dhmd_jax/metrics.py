@@ -263,6 +263,20 @@ def metrics_dataset(config):
   return "sims" if config.dataset.synthetic.like == "sims" else "synthetic"
 
 
+# The metrics of each family (`metric_family`) that epoch lines and reports show, in this order.
+REPORTED = {
+    "regression": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5",
+                   "Mult_acc_7", "MAE", "Corr"),
+    "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
+    "binary": ("Accuracy", "Precision", "Recall", "F1_score", "Precision_pos", "Recall_pos",
+               "F1_pos"),
+}
+# The one number a grid's progress line shows per family.
+HEADLINE = {"regression": "Non0_acc_2", "sims": "Mult_acc_2", "binary": "Accuracy"}
+# Metrics reported raw; every other one is a fraction, shown in percent as in the paper.
+RAW_METRICS = ("MAE", "Corr")
+
+
 def metric_family(dataset_name, task):
   """Which table layout a run's metrics use: "binary", "sims" or "regression"."""
   if task == "binary":

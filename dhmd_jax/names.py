@@ -1,8 +1,12 @@
-"""The names every part of dhmd-jax shares, defined once: modality order and the GD-Unit edges.
+"""The names every part of dhmd-jax shares, defined once: splits, modality order and the GD-Unit
+edges.
 
 The model, the losses, the logs and the analysis plots all import these; the edge labels are
 derived from the edge indices, so a label can never name another edge than the one it labels.
 """
+
+# The splits of every dataset file, in this order.
+SPLITS = ("train", "valid", "test")
 
 # Model order (l, v, a), as in the DMD code: dataset keys and the short keys of parameter names.
 MODALITIES = ("text", "vision", "audio")

@@ -2,8 +2,14 @@
 bar, the one-line epoch summary, and the final report (results.json and results.md).
 
 TensorBoard files come from tensorboardX, a light writer with no TensorFlow dependency.
+
+Every file is written through this module, and a write that fails (a full disk, a file system
+turned read-only) raises `workdir.WriteError`: one line naming the path and what to do. Whole
+files are written to `<path>.tmp` and renamed, so a failed or killed write leaves the previous
+version as it was.
 """
 
+import contextlib
 import csv
 import json
 import math
@@ -13,15 +19,8 @@ import time
 
 import numpy as np
 
-# Metrics shown in the epoch line and the report, per task, in this order.
-HEADLINE = {
-    "regression": ("Has0_acc_2", "Has0_F1_score", "Non0_acc_2", "Non0_F1_score", "Mult_acc_5",
-                   "Mult_acc_7", "MAE", "Corr"),
-    "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
-    "binary": ("Accuracy", "Precision", "Recall", "F1_score", "Precision_pos", "Recall_pos",
-               "F1_pos"),
-}
-
+from dhmd_jax import metrics as metrics_lib
+from dhmd_jax import workdir as workdir_lib
 
 def jsonable(value):
   """`value` with NumPy arrays and scalars as lists and Python numbers, dict keys as strings and
@@ -42,12 +41,31 @@ def jsonable(value):
   return value
 
 
-def write_json(path, data):
+def _write_whole(path, write, newline=None):
+  """Writes a file through `write(f)` into `<path>.tmp`, then renames it over `path`; raises
+  WriteError (one line) when that fails, leaving `path` as it was."""
   tmp = path + ".tmp"
-  with open(tmp, "w") as f:
+  try:
+    with open(tmp, "w", newline=newline) as f:
+      write(f)
+    os.replace(tmp, path)
+  except OSError as error:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise workdir_lib.write_failed(path, error) from None
+
+
+def write_json(path, data):
+  def write(f):
     json.dump(jsonable(data), f, indent=2, sort_keys=False)
     f.write("\n")
-  os.replace(tmp, path)
+  _write_whole(path, write)
+
+
+def write_text(path, text):
+  _write_whole(path, lambda f: f.write(text))
 
 
 class MetricsLog:
@@ -69,11 +87,11 @@ class MetricsLog:
             continue  # a line cut short by a kill
           if record.get("epoch", 0) <= resume_epoch:
             kept.append(line)
-    with open(path, "w") as f:
-      f.writelines(line + "\n" for line in kept)
+    _write_whole(path, lambda f: f.writelines(line + "\n" for line in kept))
 
   def write(self, record):
-    with open(self.path, "a") as f:
+    # A line cut short by a full disk is dropped on resume, as one cut by a kill.
+    with workdir_lib.writing(self.path), open(self.path, "a") as f:
       f.write(json.dumps(jsonable(record)) + "\n")
 
   def read(self):
@@ -82,35 +100,71 @@ class MetricsLog:
 
 
 class TensorBoard:
-  """One event-file folder per seed under workdir/tensorboard/seed_<seed>."""
+  """One event-file folder per seed under workdir/tensorboard/seed_<seed>.
+
+  Events are written and flushed in this thread by tensorboardX's synchronous event writer, so
+  that a full disk raises WriteError here. (Its SummaryWriter hands events to a thread of its
+  own, which dies on a write error with a traceback and then leaves its bounded queue full: the
+  run would hang at the next epoch.)"""
 
   def __init__(self, workdir, seeds, enabled):
-    self._writers = {}
+    self._writers = {}  # seed -> (folder, EventsWriter)
+    self._failed = False
     if not enabled:
       return
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.event_file_writer import EventsWriter
     for seed in seeds:
-      self._writers[seed] = SummaryWriter(os.path.join(workdir, "tensorboard", f"seed_{seed}"))
+      folder = os.path.join(workdir, "tensorboard", f"seed_{seed}")
+      with self._writing(folder):
+        os.makedirs(folder, exist_ok=True)
+        self._writers[seed] = (folder, EventsWriter(os.path.join(folder, "events")))
+
+  @contextlib.contextmanager
+  def _writing(self, folder):
+    try:
+      with workdir_lib.writing(folder):
+        yield
+    except workdir_lib.WriteError:
+      self._failed = True
+      raise
 
   def write(self, epoch, per_seed_scalars):
     """per_seed_scalars: {seed: {tag: value}}."""
+    # pylint: disable=g-import-not-at-top
+    from tensorboardX.proto import event_pb2
+    from tensorboardX.summary import scalar
     for seed, scalars in per_seed_scalars.items():
-      writer = self._writers.get(seed)
-      if writer is None:
+      if seed not in self._writers:
         continue
-      for tag, value in scalars.items():
-        if value is not None and math.isfinite(float(value)):
-          writer.add_scalar(tag, float(value), epoch)
-      writer.flush()
+      folder, writer = self._writers[seed]
+      with self._writing(folder):
+        for tag, value in scalars.items():
+          if value is not None and math.isfinite(float(value)):
+            writer.write_event(event_pb2.Event(summary=scalar(tag, float(value)),
+                                               wall_time=time.time(), step=int(epoch)))
+        writer.flush()
 
   def close(self):
-    for writer in self._writers.values():
-      writer.close()
+    for folder, writer in self._writers.values():
+      try:
+        with self._writing(folder):
+          writer.close()
+      except workdir_lib.WriteError:
+        if not self._failed:  # the first failure is the one reported
+          raise
 
 
-def _format_seconds(seconds):
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 3600:d}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+def format_duration(seconds):
+  """"35 s", "2 min 05 s", "1 h 02 min"; "?" for None or a non-finite number (an unknown ETA)."""
+  if seconds is None or not math.isfinite(seconds):
+    return "?"
+  seconds = int(round(max(seconds, 0)))
+  if seconds < 60:
+    return f"{seconds} s"
+  if seconds < 3600:
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
 
 class ProgressBar:
@@ -169,10 +223,10 @@ class ProgressBar:
     since = now - self._first_time if self._first_time is not None else 0.0
     rate = (self.done - self._first_done) / since if since > 0 else 0.0
     eta = (self.total - self.done) / rate if rate > 0 else float("nan")
-    eta_text = _format_seconds(eta) if math.isfinite(eta) else "?"
+    eta_text = format_duration(eta)
     return (f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] "
             f"{self.done}/{self.total} steps {rate:.2f} steps/s "
-            f"elapsed {_format_seconds(elapsed)} ETA {eta_text}")
+            f"elapsed {format_duration(elapsed)} ETA {eta_text}")
 
   def end_line(self):
     """Ends the bar's line so that other output starts on a fresh one."""
@@ -197,7 +251,7 @@ def summarize_seeds(per_seed):
 def markdown_report(results):
   """The Markdown table of the final report: one row per seed, then mean ± std."""
   family = results["metric_family"]
-  names = [m for m in HEADLINE[family] if m in results["test"]]
+  names = [m for m in metrics_lib.REPORTED[family] if m in results["test"]]
   lines = [f"# {results['dataset']} — test metrics of the model selected on validation", "",
            f"Selection: lowest validation {results['selection_metric']} per seed "
            "(never the test split).", ""]
@@ -251,11 +305,10 @@ def _learning_rates(lr):
 
 def write_predictions(path, ids, labels, preds, seeds):
   """CSV with one row per sample: id, label, and the prediction of every seed (atomic write)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w", newline="") as f:
+  def write(f):
     writer = csv.writer(f)
     writer.writerow(["id", "label"] + [f"prediction_seed_{s}" for s in seeds])
     for i, sample_id in enumerate(ids):
       writer.writerow([sample_id, labels[i]] + [repr(float(p[i])) if preds.dtype.kind == "f"
                                                 else int(p[i]) for p in preds])
-  os.replace(tmp, path)
+  _write_whole(path, write, newline="")

@@ -45,8 +45,8 @@ import numpy as np
 
 from dhmd_jax import cli
 from dhmd_jax.names import MODALITIES
+from dhmd_jax.names import SPLITS
 
-SPLITS = ("train", "valid", "test")
 LAYOUTS = ("mmsa", "multibench")
 
 # (T, D) per modality of the real files, keyed by (like, aligned).

@@ -1,10 +1,11 @@
 """Training: `train_and_evaluate(config, workdir)` runs the reference protocol for every seed of
 `config.train.seeds` in one compiled program and returns the report (also written to disk).
 
-Protocol (reference doc, section 5; each part a config field): Adam on all parameters; gradient
-accumulation over `update_epochs` micro-batches with the running sum value-clipped after each;
-ReduceLROnPlateau on the validation loss; early stopping; a cap on epochs; the model selected on
-the validation split (MAE for regression, cross-entropy for binary tasks), never on test.
+Protocol (the DMD code's training loop, docs/training.md; each part a config field): Adam on all
+parameters; gradient accumulation over `update_epochs` micro-batches with the running sum
+value-clipped after each; ReduceLROnPlateau on the validation loss; early stopping; a cap on
+epochs; the model selected on the validation split (MAE for regression, cross-entropy for binary
+tasks), never on test.
 
 The trainer reads as its phases: `_set_up` (workdir, data, model, compiled functions),
 `_start_or_resume` (fresh states or the newest readable checkpoint), `_train_epoch` (the chunks of
@@ -19,6 +20,7 @@ for bit, as an uninterrupted one. Ctrl-C stops at the next chunk boundary (see `
 import contextlib
 import dataclasses
 import json
+import logging as python_logging
 import math
 import os
 import shutil
@@ -42,8 +44,11 @@ from dhmd_jax import reporting
 from dhmd_jax import schedule
 from dhmd_jax import steps
 from dhmd_jax import validation
+from dhmd_jax import workdir as workdir_lib
 from dhmd_jax.models import bert_weights
 from dhmd_jax.models import dhmd as dhmd_model
+
+_LOG = python_logging.getLogger(__name__)  # what a run reports (see dhmd_jax/__init__.py)
 
 # Config fields that may change between an interrupted run and its resumption.
 _RESUMABLE_CHANGES = ("train.num_epochs", "train.steps_per_chunk", "train.eval_batch_size",
@@ -298,7 +303,7 @@ def _set_up(config, workdir, loss_weights=None):
   task = config.dataset.task
   seeds, run_weights, run_names = sweep_runs([int(s) for s in config.train.seeds], loss_weights)
   dataset = data_lib.load_dataset(config.dataset, workdir=workdir)
-  print(data_lib.summarize(dataset), flush=True)
+  _LOG.info("%s", data_lib.summarize(dataset))
 
   batch_size, micro = config.train.batch_size, config.train.update_epochs
   host = {name: data_lib.split_arrays(dataset.splits[name], task,
@@ -359,7 +364,7 @@ def _start_or_resume(run, ckpt):
     epoch, arrays, host = restored
     progress = _Progress(states=arrays["state"], best_params=arrays["best_params"],
                          sched=schedule.from_json(host["schedule"]), epoch=epoch)
-    print(f"resuming from the checkpoint of epoch {epoch} in {run.workdir}", flush=True)
+    _LOG.info("resuming from the checkpoint of epoch %d in %s", epoch, run.workdir)
   progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
   return progress
 
@@ -467,9 +472,8 @@ def _final_report(run, progress, start_time):
       run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.run_names)
   reporting.write_json(os.path.join(run.workdir, "results.json"), results)
   markdown = reporting.markdown_report(results)
-  with open(os.path.join(run.workdir, "results.md"), "w") as f:
-    f.write(markdown)
-  print(markdown, flush=True)
+  reporting.write_text(os.path.join(run.workdir, "results.md"), markdown)
+  _LOG.info("%s", markdown)
   return results
 
 
@@ -480,7 +484,8 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
   """Trains every seed, selects on validation, tests the selected models, writes the report.
 
   Returns the report dict (also in `<workdir>/results.json` and `results.md`). Rerunning with
-  the same workdir resumes from its newest readable checkpoint.
+  the same workdir resumes from its newest readable checkpoint. The run holds the workdir's
+  lock (`workdir.hold`): a second run on it stops at once with `workdir.Busy`.
 
   `loss_weights` ({name: V values}, names from `objective.LOSS_WEIGHTS`) trains a loss-weight
   sweep in this one program: V x S runs side by side (`sweep_runs`), each with the seed's init,
@@ -492,7 +497,9 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
   created = prepare_workdir(workdir)
   stop = _StopRequest()
   committed = False
-  with stop.installed(), contextlib.ExitStack() as resources:
+  # Busy is raised before the `try`: the workdir is another run's, nothing here may remove it.
+  with workdir_lib.hold(workdir, "training"), stop.installed(), \
+      contextlib.ExitStack() as resources:
     try:
       # ------------------------------------------------------------- set-up
       config_path = os.path.join(workdir, "config.json")
@@ -527,10 +534,10 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
         log.write(record)
         tb.write(epoch, _tensorboard_scalars(record, run.run_names))
         bar.end_line()
-        print(reporting.epoch_line(epoch, num_epochs, train_loss=train_means["total"],
-                                   valid=record["valid"], test=record["test"],
-                                   lr=record["lr"], active=progress.sched["active"],
-                                   family=run.family, seconds=record["time_s"]), flush=True)
+        _LOG.info("%s", reporting.epoch_line(
+            epoch, num_epochs, train_loss=train_means["total"], valid=record["valid"],
+            test=record["test"], lr=record["lr"], active=progress.sched["active"],
+            family=run.family, seconds=record["time_s"]))
         _save(run, progress, ckpt)
         committed = True
         if stop.requested:

@@ -31,10 +31,9 @@ grid starts, so a mistake is answered at once.
 import contextlib
 import dataclasses
 import json
-import math
+import logging
 import os
 import shutil
-import sys
 import time
 from typing import Any, Optional
 
@@ -48,6 +47,9 @@ from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import reporting
 from dhmd_jax import stats
 from dhmd_jax import validation
+from dhmd_jax import workdir as workdir_lib
+
+_LOG = logging.getLogger(__name__)
 
 GRID_FILE = "grid.json"
 RUN_FILE = "run.json"
@@ -62,10 +64,6 @@ TABLE_METRICS = {
     "sims": ("Mult_acc_2", "Mult_acc_3", "Mult_acc_5", "F1_score", "MAE", "Corr"),
     "binary": ("Accuracy", "F1_score", "Precision", "Recall"),
 }
-# The one number a progress line shows per family.
-HEADLINE = {"regression": "Non0_acc_2", "sims": "Mult_acc_2", "binary": "Accuracy"}
-# Metrics reported raw; every other one is a fraction, shown in percent as in the paper.
-RAW_METRICS = ("MAE", "Corr")
 
 # Variants of the ablation tables: configs/ablations.py's, plus `ca`, the "w/o FD" column of
 # Table 7 (cross-modal attention without decoupling, no GD, no DM), which Table 6 has no row for.
@@ -170,7 +168,7 @@ def pick_metrics(text, family, default=None):
 
 
 def _family_metrics(family):
-  return list(reporting.HEADLINE[family])
+  return list(metrics_lib.REPORTED[family])
 
 
 def metric_family(config):
@@ -269,23 +267,12 @@ def finished(workdir, run):
 # ----------------------------------------------------------------------------- running
 
 
-def _format_time(seconds):
-  if seconds is None or not math.isfinite(seconds):
-    return "?"
-  seconds = int(round(seconds))
-  if seconds < 60:
-    return f"{seconds} s"
-  if seconds < 3600:
-    return f"{seconds // 60} min {seconds % 60:02d} s"
-  return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
 def _scale(metric):
-  return 1.0 if metric in RAW_METRICS else 100.0
+  return 1.0 if metric in metrics_lib.RAW_METRICS else 100.0
 
 
 def _headline(results, family, split):
-  name = HEADLINE[family]
+  name = metrics_lib.HEADLINE[family]
   values = results.get(split, {}).get(name)
   if not values:
     return ""
@@ -337,27 +324,33 @@ def _train_named(run, run_dir):
                     ) from None
 
 
-def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=(), out=None):
+def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=()):
   """Trains the runs not finished yet; returns {run name: (results, status, seconds)}.
 
   after_run(run, run_workdir, results) -> str: extra work on a run's results (table7's head
   metrics): what it did ("" when nothing was needed), counted in the run's time.
   reuse: other grids' workdirs whose finished runs are copied instead of trained again.
+  The grid holds its workdir meanwhile: a second grid on it stops at once (`workdir.Busy`).
   """
-  out = out or sys.stdout
   record = check_workdir(workdir, kind, base_config, runs)
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as error:
     raise GridError(f"cannot create the workdir {workdir} ({error.strerror or error}); choose "
                     f"a writable --workdir") from None
+  with workdir_lib.hold(workdir, f"a {kind} grid"):
+    return _run_held(kind, base_config, workdir, runs, record, after_run=after_run, reuse=reuse)
+
+
+def _run_held(kind, base_config, workdir, runs, record, *, after_run, reuse):
+  """run_grid's work, once the grid holds its workdir."""
   write_json(os.path.join(workdir, GRID_FILE), record)
   copied = reuse_runs(workdir, runs, reuse)
   family = metric_family(base_config)
   todo = [run for run in runs if finished(os.path.join(workdir, run.name), run) is None]
   seeds = len(base_config.train.seeds)
-  print(f"{kind}: {len(runs)} runs ({len(todo)} to train, {seeds} seeds each) in {workdir}; "
-        f"each run's log: {os.path.join(workdir, '<run>', LOG_FILE)}", file=out, flush=True)
+  _LOG.info("%s: %d runs (%d to train, %d seeds each) in %s; each run's log: %s", kind,
+            len(runs), len(todo), seeds, workdir, os.path.join(workdir, "<run>", LOG_FILE))
   start = time.time()
   # ETA: seconds per table row of the runs trained so far, times the rows still to train (a
   # loss-weight sweep's one program trains all its values' rows).
@@ -375,18 +368,18 @@ def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=(), out=
     seconds = time.time() - t0
     if trained:
       per_row.append(seconds / len(run.rows))
-      status = f"trained in {_format_time(seconds)}"
+      status = f"trained in {reporting.format_duration(seconds)}"
     else:
       status = (f"copied from {copied[run.name]} (finished there)" if run.name in copied else
                 "finished earlier, skipped") + (
-          f" (then {extra} in {_format_time(seconds)})" if extra else "")
+          f" (then {extra} in {reporting.format_duration(seconds)})" if extra else "")
     outcome[run.name] = (results, "trained" if trained else "skipped", seconds)
     eta = np.mean(per_row) * left if per_row else (0.0 if not left else None)
     what = (_headline(results, family, "test") if len(run.rows) == 1 else
             f"{len(run.rows)} values x {seeds} seeds in one program")
-    print(f"[{i}/{len(runs)}] {run.name}: {status}" + (f" | {what}" if what else "")
-          + f" | grid {_format_time(time.time() - start)}, ETA {_format_time(eta)}",
-          file=out, flush=True)
+    _LOG.info("[%d/%d] %s: %s%s | grid %s, ETA %s", i, len(runs), run.name, status,
+              f" | {what}" if what else "", reporting.format_duration(time.time() - start),
+              reporting.format_duration(eta))
   return outcome
 
 
@@ -425,7 +418,7 @@ def table_rows(table, per_seed, *, lower_is_better=None):
   data = {row: {m: [_scale(m.split(" ")[-1]) * v for v in _nan(per_seed[row][m])]
                 for m in table.metrics} for row in table.rows}
   lower = set(stats.LOWER_IS_BETTER) | set(lower_is_better or ())
-  decimals = {m: 4 if m.split(" ")[-1] in RAW_METRICS else 2 for m in table.metrics}
+  decimals = {m: 4 if m.split(" ")[-1] in metrics_lib.RAW_METRICS else 2 for m in table.metrics}
   return stats.comparison_rows(data, table.reference, metrics=table.metrics,
                                lower_is_better=lower, decimals=decimals)
 
@@ -463,7 +456,8 @@ def write_report(workdir, *, kind, base_config, runs, tables, outcome, per_seed,
     lines += [markdown.rstrip("\n"), ""]
   lines.append(f"Runs: {len(runs)} ({trained} trained by this command, "
                f"{len(runs) - trained} finished earlier)"
-               + (f"; this command's wall time {_format_time(wall)}." if wall else "."))
+               + (f"; this command's wall time {reporting.format_duration(wall)}." if wall
+                  else "."))
   markdown = "\n".join(lines) + "\n"
   report = {
       "grid": kind, "dataset": base_config.dataset.name, "synthetic": synthetic, "split": split,
