@@ -158,11 +158,7 @@ def _holding(workdir, what, *, share):
     try:
       yield None
     finally:
-      with _HELD_GUARD:
-        held[1] -= 1
-        if not held[1]:
-          del _HELD[path]
-          _release(path, held[0])
+      _let_go(path, held)
     return
   try:
     fd, holder = _try_lock(workdir, what)
@@ -186,11 +182,16 @@ def _holding(workdir, what, *, share):
   try:
     yield None
   finally:
-    with _HELD_GUARD:
-      held[1] -= 1
-      if not held[1]:
-        del _HELD[path]
-        _release(path, fd)
+    _let_go(path, held)
+
+
+def _let_go(path, held):
+  """Ends one holding of the lock `held` ([fd, count]); the last one releases it."""
+  with _HELD_GUARD:
+    held[1] -= 1
+    if not held[1]:
+      del _HELD[path]
+      _release(path, held[0])
 
 
 def hold(workdir, what):
