@@ -476,9 +476,9 @@ def test_transformer_dropout_sites(monkeypatch):
   sites = []
   original = transformer._dropout
 
-  def record(x, rate, key, active):
+  def record(x, rate, key, active, **block):  # block: an attention block's first_row
     sites.append((x.shape[-2:], active))
-    return original(x, rate, key, active)
+    return original(x, rate, key, active, **block)
 
   monkeypatch.setattr(transformer, "_dropout", record)
   params = _transformer_params(module, x, x)

@@ -1,5 +1,6 @@
 """The stacked transformers (one vmapped, scanned computation per kind) against the per-branch
-model they replace, and the parameter-layout converter that carries old checkpoints over.
+model they replace, the stack's two schedules ("vmap", "loop") against each other, with and
+without dropout, and the parameter-layout converter that carries old checkpoints over.
 
 `fixtures/legacy_dhmd_v1.npz` holds a tiny DHMD in the per-branch layout v1 (every transformer
 its own module, the code that reproduced the reference DMD output for output) with its inputs,
@@ -24,6 +25,7 @@ from configs import ablations
 from dhmd_jax import objective
 from dhmd_jax.models import build_model
 from dhmd_jax.models import layout
+from dhmd_jax.models import transformer
 from dhmd_jax.models.transformer import TransformerStack
 from dhmd_jax.models.transformer import plan_groups
 from dhmd_jax.models.transformer import query_blocks
@@ -150,21 +152,17 @@ def _branch_params(stack_params, g):
     (False, True, False), (True, True, False), (True, False, True), (True, True, True)])
 def test_stack_equals_each_branch_alone(cross, causal, key_padding):
   """G branches of unequal lengths in one vmapped stack (padded, grouped) = each branch computed
-  alone by the per-branch `TransformerEncoder` ("loop"), outputs and gradients; with query
-  blocks, so blocks over padded branches are covered too."""
-  rng = np.random.default_rng(0)
-  t_q, t_k = (9, 8, 9, 3), (8, 8, 9, 30)  # branch 3 is far shorter/longer: its own group
-  xs = [rng.normal(size=(2, t, 8)).astype(np.float32) for t in t_q]
-  srcs = [rng.normal(size=(2, t, 8)).astype(np.float32) for t in t_k] if cross else None
-  masks = None
-  if key_padding:
-    masks = [np.arange(t)[None, :] < np.array([[t], [t - 2]]) for t in (t_k if cross else t_q)]
+  alone ("loop", a stack of one), outputs and gradients; with query blocks, so blocks over
+  padded branches are covered too."""
+  xs, srcs, masks = _unequal_branches(cross, key_padding)
+  t_q = [x.shape[1] for x in xs]
+  t_k = [s.shape[1] for s in srcs] if cross else t_q  # branch 3 is far shorter/longer: own group
   stack = TransformerStack(num_heads=2, num_layers=2, causal_mask=causal, query_block=3)
   loop = stack.clone(compute="loop")
   shapes = jax.eval_shape(
       lambda: stack.init(jax.random.key(0), xs, srcs, key_masks=masks, deterministic=True))
   params = test_model.random_params(shapes["params"], seed=4)
-  assert plan_groups(list(zip(t_q, t_k if cross else t_q))) == [[0, 1, 2], [3]]
+  assert plan_groups(list(zip(t_q, t_k))) == [[0, 1, 2], [3]]
 
   def loss(p, fn):
     outs = fn(p)
@@ -186,6 +184,109 @@ def test_stack_equals_each_branch_alone(cross, causal, key_padding):
     assert a.shape == (2, t, 8)
     np.testing.assert_allclose(a, b, atol=2e-5)
   chex.assert_trees_all_close(grad_a, grad_b, atol=2e-4)
+
+
+def _unequal_branches(cross, key_padding, seed=0):
+  """Four branches of unequal lengths: three padded into one "vmap" group, one on its own."""
+  rng = np.random.default_rng(seed)
+  t_q, t_k = (9, 8, 9, 3), (8, 8, 9, 30)
+  xs = [rng.normal(size=(2, t, 8)).astype(np.float32) for t in t_q]
+  srcs = [rng.normal(size=(2, t, 8)).astype(np.float32) for t in t_k] if cross else None
+  masks = None
+  if key_padding:
+    masks = [np.arange(t)[None, :] < np.array([[t], [t - 2]]) for t in (t_k if cross else t_q)]
+  return xs, srcs, masks
+
+
+@pytest.mark.parametrize("cross,key_padding,remat,record", [
+    (False, False, False, True), (True, True, True, False), (True, False, False, True)])
+def test_schedules_agree_with_dropout(cross, key_padding, remat, record):
+  """Training mode: "loop" and "vmap" draw the same dropout masks (every site: embedding, attention
+  weights per branch rate, relu, residual), so outputs, gradients and recorded attention maps
+  agree as in deterministic mode; unequal lengths (padding, two groups), query blocks."""
+  xs, srcs, masks = _unequal_branches(cross, key_padding)
+  stack = TransformerStack(num_heads=2, num_layers=2, query_block=3, remat=remat,
+                           attn_dropout=(0.3, 0.5, 0.0, 0.2), embed_dropout=0.1,
+                           relu_dropout=0.2, res_dropout=0.1)
+  shapes = jax.eval_shape(
+      lambda: stack.init(jax.random.key(0), xs, srcs, key_masks=masks, deterministic=True))
+  params = test_model.random_params(shapes["params"], seed=7)
+
+  def run(compute, deterministic=False, key=3):
+    def loss(p):
+      outs = stack.clone(compute=compute).apply(
+          {"params": p}, xs, srcs, key_masks=masks, deterministic=deterministic,
+          rngs={"dropout": jax.random.key(key)}, mutable=["intermediates"] if record else False)
+      outs, maps = outs if record else (outs, None)
+      return sum(jnp.sum(jnp.sin(o) * (i + 1)) for i, o in enumerate(outs)), (outs, maps)
+
+    (_, (outs, maps)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return outs, maps, grads
+
+  out_v, maps_v, grad_v = run("vmap")
+  out_l, maps_l, grad_l = run("loop")
+  for a, b in zip(out_v, out_l):
+    np.testing.assert_allclose(a, b, atol=2e-5)
+  chex.assert_trees_all_close(grad_v, grad_l, atol=2e-4)
+  if record:
+    chex.assert_trees_all_close(maps_v, maps_l, atol=2e-5)
+  # Dropout is on (else the check above would hold trivially), and its masks follow the key.
+  det = run("vmap", deterministic=True)[0]
+  other = run("vmap", key=4)[0]
+  for g in range(len(xs)):
+    assert not np.allclose(out_v[g], det[g], atol=1e-3)
+    assert not np.allclose(out_v[g], other[g], atol=1e-3)
+
+
+def test_dropout_masks_do_not_depend_on_the_query_block():
+  """Query blocks change where attention is cut, not which units dropout drops: training-mode
+  outputs with blocks of 3 and 4 rows and with one block are the same."""
+  xs, srcs, _ = _unequal_branches(True, False, seed=1)
+  stack = TransformerStack(num_heads=2, num_layers=2, attn_dropout=0.5)
+  shapes = jax.eval_shape(lambda: stack.init(jax.random.key(0), xs, srcs, deterministic=True))
+  params = test_model.random_params(shapes["params"], seed=8)
+  outs = [jax.jit(lambda p, block=block: stack.clone(query_block=block).apply(
+              {"params": p}, xs, srcs, deterministic=False,
+              rngs={"dropout": jax.random.key(5)}))(params) for block in (0, 3, 4)]
+  for out in outs[1:]:
+    for a, b in zip(out, outs[0]):
+      np.testing.assert_allclose(a, b, atol=2e-5)
+
+
+def test_keep_masks_depend_on_coordinates_not_shapes():
+  """The same key draws the same mask on the elements two shapes share, rows counted from
+  `first_row` (a query block), and keeps units at the quantised rate."""
+  key = jax.random.key(0)
+  mask, keep = transformer._keep_mask(key, 0.6, (2, 3, 9, 11))
+  padded, _ = transformer._keep_mask(key, 0.6, (2, 3, 12, 16))
+  np.testing.assert_array_equal(padded[:, :, :9, :11], mask)
+  rows, _ = transformer._keep_mask(key, 0.6, (2, 3, 4, 11), first_row=5)
+  np.testing.assert_array_equal(rows, mask[:, :, 5:])
+  assert keep == pytest.approx(39322 / 65536)
+  big, _ = transformer._keep_mask(key, 0.6, (64, 200, 60))
+  assert abs(float(np.mean(big)) - keep) < 0.005  # 768,000 draws: about 9 standard deviations
+  other, _ = transformer._keep_mask(jax.random.key(1), 0.6, (2, 3, 9, 11))
+  assert not np.array_equal(other, mask)
+
+
+@pytest.mark.parametrize("compute", ["vmap", "loop"])
+def test_bad_stack_inputs_fail_with_a_message(compute):
+  """One copy of each input check, ahead of either schedule."""
+  x, y = jnp.ones((2, 5, 8)), jnp.ones((2, 4, 6))
+  init = lambda stack, *args, **kwargs: stack.init(jax.random.key(0), *args, deterministic=True,
+                                                   **kwargs)
+  stack = TransformerStack(num_heads=3, num_layers=1, compute=compute)
+  with pytest.raises(ValueError, match="embedding width 8 is not divisible by num_heads=3"):
+    init(stack, [x])
+  stack = stack.clone(num_heads=2)
+  with pytest.raises(ValueError, match="needs width 8; got 8 and 6"):
+    init(stack, [x], [y])
+  with pytest.raises(ValueError, match=r"key_mask has shape \(2, 4\); expected"):
+    init(stack, [x, x], key_masks=[jnp.ones((2, 5), bool), jnp.ones((2, 4), bool)])
+  with pytest.raises(ValueError, match="3 attention dropout rates for 2 branches"):
+    init(stack.clone(attn_dropout=(0.1, 0.2, 0.3)), [x, x])
+  with pytest.raises(ValueError, match="compute must be 'vmap' or 'loop', got 'scan'"):
+    init(stack.clone(compute="scan"), [x])
 
 
 @pytest.mark.parametrize("compute", ["vmap", "loop"])

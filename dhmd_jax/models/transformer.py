@@ -24,10 +24,15 @@ of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of t
   bias), never NaN.
 
 The model holds the transformers of one kind as one `TransformerStack` (parameters with a
-leading branch axis G and a layer axis L) and computes it either vmapped over the branches with
-the layers under `lax.scan` (pure functions below `_layer_norm`; few, large operations) or branch
-by branch through `TransformerEncoder` (the per-branch Flax modules, layers unrolled). Both give
-the same numbers (`tests/test_stacked.py`).
+leading branch axis G and a layer axis L). The maths of one branch exists once, as pure functions
+over its slice of the stacked parameters (`_branch` -> `_encoder_layer` -> `_attention`), and the
+stack's two schedules both call it: "vmap" vmaps it over the branches (padded to a common length
+with exact masks) with the layers under `lax.scan` (few, large operations: the GPU default), and
+"loop" calls it branch by branch at each branch's own lengths with the layers unrolled (many
+small operations that a CPU runtime overlaps on its cores: the CPU default). Dropout masks
+(threefry keys, the default) are drawn from each element's coordinates (`_keep_mask`) with each
+branch's own key, so the two schedules drop the same units and give the same numbers in
+training too, and the masks do not depend on `query_block` (`tests/test_stacked.py`).
 
 Attention maps for analysis are recorded only on request: applied with
 `mutable=["intermediates"]`, a stack sows every layer's attention weights (see
@@ -38,7 +43,7 @@ time-major (T, B, E), which changes nothing in the maths.
 """
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -47,8 +52,10 @@ import jax.numpy as jnp
 import numpy as np
 
 _LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
-_XAVIER_UNIFORM = nn.initializers.xavier_uniform()
-_HIDDEN = -1e30  # added to the score of a key a query may not see: exp() of it is exactly 0
+# The score of a key a query may not see (added, or put in its place): exp() of it is exactly 0,
+# and, finite, it keeps a row with no visible key free of inf - inf.
+_HIDDEN = -1e30
+_GRID = 1 << 16  # rows and column pairs a dropout mask addresses by coordinates
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> jax.Array:
@@ -143,309 +150,235 @@ def plan_groups(lengths, slack: float = 1.25):
   return groups
 
 
-# ---------------------------------------------------------------- one branch as Flax modules
-
-
-class MultiheadAttention(nn.Module):
-  """Fairseq multi-head attention with a packed (q, k, v) input projection.
-
-  Attributes:
-    num_heads: number of heads h; head_dim = E / h.
-    attn_dropout: dropout rate on the attention weights.
-    query_block: with a causal mask, compute attention in blocks of this many query rows, each
-      over only the keys it can see (`query_blocks`); 0 = one block.
-  """
-  num_heads: int
-  attn_dropout: float = 0.0
-  query_block: int = 0
-
-  @nn.compact
-  def __call__(self, query, key, value, *, causal: bool, key_mask: Optional[jax.Array],
-               deterministic: bool):
-    """query (B, T_q, E); key, value (B, T_k, E); key_mask (B, T_k) bool or None.
-
-    causal: apply the future mask (query i sees keys j <= i + |T_k - T_q|).
-    """
-    b, t_q, e = query.shape
-    t_k = key.shape[1]
-    if e % self.num_heads:
-      raise ValueError(f"embedding width {e} is not divisible by num_heads={self.num_heads}")
-    head_dim = e // self.num_heads
-    w = self.param("in_proj_kernel", _XAVIER_UNIFORM, (e, 3 * e))  # torch in_proj_weight.T
-    bias = self.param("in_proj_bias", nn.initializers.zeros, (3 * e,))
-    # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
-    # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
-    # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
-    bias = jnp.concatenate([bias[:e], jax.lax.stop_gradient(bias[e:2 * e]), bias[2 * e:]])
-    if query is key and key is value:  # self-attention: one (E, 3E) product
-      q, k, v = jnp.split(query @ w + bias, 3, axis=-1)
-    elif key is value:  # cross-modal with one source: q, then k and v in one (E, 2E) product
-      q = query @ w[:, :e] + bias[:e]  # (B, T_q, E)
-      k, v = jnp.split(key @ w[:, e:] + bias[e:], 2, axis=-1)  # (B, T_k, E) each
-    else:
-      q = query @ w[:, :e] + bias[:e]
-      k = key @ w[:, e:2 * e] + bias[e:2 * e]
-      v = value @ w[:, 2 * e:] + bias[2 * e:]
-    q = q * head_dim**-0.5
-    q = q.reshape(b, t_q, self.num_heads, head_dim)
-    k = k.reshape(b, t_k, self.num_heads, head_dim)
-    v = v.reshape(b, t_k, self.num_heads, head_dim)
-    dropout = nn.Dropout(self.attn_dropout)
-    visible = future_mask(t_q, t_k) if causal else None  # (T_q, T_k)
-    record = self.is_mutable_collection("intermediates")  # analysis only (TransformerStack)
-    outs, recorded = [], []
-    for q_start, q_end, k_end in query_blocks(t_q, t_k, causal, self.query_block):
-      # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
-      scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q_start:q_end], k[:, :k_end])
-      mask = None
-      if causal:
-        mask = visible[None, None, q_start:q_end, :k_end]  # (1, 1, rows, k_end)
-      if key_mask is not None:
-        padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
-        mask = padding if mask is None else jnp.logical_and(mask, padding)
-      if mask is not None:
-        scores = jnp.where(mask, scores, jnp.finfo(scores.dtype).min)
-      weights = jax.nn.softmax(scores, axis=-1)
-      if key_mask is not None:
-        # A row with no visible key: zero weights instead of a uniform average over masked
-        # keys. (The causal mask alone always leaves key 0 visible.)
-        weights = jnp.where(jnp.any(mask, axis=-1, keepdims=True), weights, 0.0)
-      if record:
-        recorded.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, t_k - k_end))))
-      weights = dropout(weights, deterministic=deterministic)
-      outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
-    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
-    if record:  # pre-dropout weights (B, h, T_q, T_k)
-      self.sow("intermediates", "attention_weights", jnp.concatenate(recorded, axis=2))
-    return nn.Dense(e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros,
-                    name="out_proj")(out.reshape(b, t_q, e))  # (B, T_q, E)
-
-
-class TransformerEncoderLayer(nn.Module):
-  """One pre-LN layer: (cross-)attention + FFN, each with a residual connection."""
-  num_heads: int
-  attn_dropout: float = 0.0
-  relu_dropout: float = 0.0
-  res_dropout: float = 0.0
-  query_block: int = 0
-
-  @nn.compact
-  def __call__(self, x, x_k=None, x_v=None, key_mask=None, causal: bool = True,
-               deterministic: bool = True):
-    """x (B, T_q, E); x_k, x_v (B, T_k, E) or None for self-attention; key_mask (B, T_k)."""
-    e = x.shape[-1]
-    norm_0 = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_0")
-    residual = x
-    x = norm_0(x)
-    if x_k is None:
-      k = v = x
-    elif x_k is x_v:  # no embedding dropout: key and value are one array, normalised once
-      k = v = norm_0(x_k)
-    else:
-      k, v = norm_0(x_k), norm_0(x_v)  # the same LayerNorm on q, k and v, as coded
-    x = MultiheadAttention(self.num_heads, self.attn_dropout, self.query_block,
-                           name="self_attn")(
-        x, k, v, causal=causal, key_mask=key_mask, deterministic=deterministic)
-    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
-    x = residual + x
-
-    residual = x
-    x = nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm_1")(x)
-    x = nn.Dense(4 * e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros, name="fc1")(x)
-    x = nn.relu(x)  # (B, T_q, 4E)
-    x = nn.Dropout(self.relu_dropout)(x, deterministic=deterministic)
-    x = nn.Dense(e, kernel_init=_XAVIER_UNIFORM, bias_init=nn.initializers.zeros, name="fc2")(x)
-    x = nn.Dropout(self.res_dropout)(x, deterministic=deterministic)
-    return residual + x  # (B, T_q, E)
-
-
-class TransformerEncoder(nn.Module):
-  """MulT `TransformerEncoder`: self-attention if `source` is None, else cross-modal attention.
-
-  Attributes:
-    num_heads: attention heads.
-    num_layers: number of layers.
-    attn_dropout: dropout on attention weights (chosen by the caller from the SOURCE modality).
-    relu_dropout, res_dropout, embed_dropout: the other dropout rates.
-    causal_mask: apply the future mask with the |T_k - T_q| offset.
-    query_block: causal attention in blocks of this many query rows (0 = off); see
-      `query_blocks`. The same outputs, less work on long sequences.
-  """
-  num_heads: int
-  num_layers: int
-  attn_dropout: float = 0.0
-  relu_dropout: float = 0.0
-  res_dropout: float = 0.0
-  embed_dropout: float = 0.0
-  causal_mask: bool = True
-  query_block: int = 0
-  remat: bool = False
-
-  @nn.compact
-  def __call__(self, x, source=None, *, key_mask=None, deterministic: bool):
-    """Encodes a sequence.
-
-    Args:
-      x: (B, T_q, E) the query sequence (the target modality in a cross-modal block).
-      source: (B, T_k, E) the key/value sequence of a cross-modal block, or None.
-      key_mask: optional (B, T_k) bool frame mask of the keys (x's own mask for self-attention);
-        None means every key is visible (the DMD code).
-      deterministic: disables dropout.
-
-    Returns:
-      (B, T_q, E) the encoded query sequence (after the final LayerNorm).
-    """
-    e = x.shape[-1]
-    scale = math.sqrt(e)
-    embed_dropout = nn.Dropout(self.embed_dropout)
-    h = scale * x + positional_embedding(x)  # (B, T_q, E)
-    h = embed_dropout(h, deterministic=deterministic)
-    if source is not None:
-      if source.shape[-1] != e:
-        raise ValueError(f"cross-modal source width {source.shape[-1]} != query width {e}")
-      src = scale * source + positional_embedding(source)  # (B, T_k, E)
-      h_k = embed_dropout(src, deterministic=deterministic)  # separate masks for k and v
-      h_v = embed_dropout(src, deterministic=deterministic)
-      t_k = source.shape[1]
-    else:
-      h_k = h_v = None
-      t_k = x.shape[1]
-
-    if key_mask is not None:
-      key_mask = key_mask.astype(bool)
-      if key_mask.shape != (x.shape[0], t_k):
-        raise ValueError(f"key_mask has shape {key_mask.shape}; expected (B, T_k) = "
-                         f"{(x.shape[0], t_k)}")
-    # remat: each layer's activations are recomputed in the backward pass (causal and
-    # deterministic are static: positions 5 and 6 counting self).
-    layer_cls = (nn.remat(TransformerEncoderLayer, static_argnums=(5, 6)) if self.remat
-                 else TransformerEncoderLayer)
-    for i in range(self.num_layers):
-      h = layer_cls(
-          self.num_heads, self.attn_dropout, self.relu_dropout, self.res_dropout,
-          self.query_block, name=f"layers_{i}")(
-              h, h_k, h_v, key_mask, self.causal_mask, deterministic)
-    return nn.LayerNorm(epsilon=_LN_EPSILON, name="layer_norm")(h)  # (B, T_q, E)
-
-
-# ---------------------------------------------------------------- one branch, one layer (pure)
+# ---------------------------------------------------------------- one branch (pure functions)
 
 
 def _layer_norm(x, scale, bias):
-  """torch.nn.LayerNorm over the last axis (epsilon 1e-5), variance as E[x^2] - E[x]^2 (Flax)."""
-  mean = jnp.mean(x, axis=-1, keepdims=True)
-  var = jnp.maximum(jnp.mean(x * x, axis=-1, keepdims=True) - mean * mean, 0.0)
-  return (x - mean) * jax.lax.rsqrt(var + _LN_EPSILON) * scale + bias
+  """torch.nn.LayerNorm over the last axis (epsilon 1e-5), variance as E[x^2] - E[x]^2: Flax's
+  nn.LayerNorm operation for operation, in its order. (The same numbers written otherwise, e.g.
+  statistics kept (..., 1) or (x - mean) * rsqrt * scale, gave a backward pass of about a fifth
+  more XLA operations per layer, or rsqrt fused into the (..., E) product and computed E times.)"""
+  square = jax.lax.square(x)
+  mean = jnp.mean(x, axis=-1)  # (...,)
+  var = jnp.maximum(0.0, jnp.mean(square, axis=-1) - jax.lax.square(mean))
+  centred = x - mean[..., None]
+  return centred * (jax.lax.rsqrt(var[..., None] + _LN_EPSILON) * scale) + bias
 
 
-def _keep_mask(key, keep_prob, shape):
-  """Bernoulli(keep_prob) mask and its exact keep probability, from 16-bit uniform draws.
+def _keep_mask(key, keep_prob, shape, first_row: int = 0):
+  """Bernoulli(keep_prob) mask of `shape` and its exact keep probability, from 16-bit draws.
 
-  A threefry key: every 64-bit threefry block gives four 16-bit draws (jax.random.bernoulli
-  spends one block per element), so the attention-sized masks cost a quarter of the random-
-  number work. keep_prob is quantised to multiples of 2^-16 and the exact quantised value is
-  returned for the rescaling, so the dropout stays unbiased (0.6 -> 0.600006). Other key types
-  (rbg) use jax.random.bernoulli.
+  A threefry key: the draw of element (..., i, j) depends on the key and its coordinates only
+  (the flat index of the leading axes, the row first_row + i, the column j), not on the shape.
+  So a branch computed alone and the same branch zero-padded into a stack, or attention weights
+  computed in query blocks (`first_row` = the block's first row) and at once, draw the same mask
+  on the elements they share: the "loop" and "vmap" schedules drop the same units. One 64-bit
+  threefry block, hashed from (leading index, row << 16 | j // 2), gives the draws of columns
+  2 (j // 2) and 2 (j // 2) + 1 (the top 16 bits of each of its two words): half the random-
+  number work of jax.random.bernoulli (one block per element). Four 16-bit draws per block would
+  halve it again, but XLA's CPU compile of each such site took about five times longer.
+  keep_prob is quantised to multiples of 2^-16 and the exact quantised value is returned for the
+  rescaling, so the dropout stays unbiased (0.6 -> 0.600006). Other key types (rbg), and rows or
+  column pairs past 2^16, use jax.random.bernoulli (masks then depend on the shape).
   """
   data = jax.random.key_data(key)
-  if data.shape != (2,):
+  *lead, rows, cols = (1,) * max(0, 2 - len(shape)) + tuple(shape)
+  pairs = -(-cols // 2)
+  if data.shape != (2,) or first_row + rows > _GRID or pairs > _GRID:
     return jax.random.bernoulli(key, keep_prob, shape), keep_prob
-  n = math.prod(shape)
-  words = (n + 1) // 2 + ((n + 1) // 2) % 2  # uint32 words, an even count (two per block)
-  bits = jax_random_ext.threefry_2x32(data, jnp.arange(words, dtype=jnp.uint32))
-  draws = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(-1)[:n].reshape(shape)
+  grid = (*lead, rows, pairs)
+  iota = lambda axis: jax.lax.broadcasted_iota(jnp.uint32, grid, axis)
+  index = jnp.zeros(grid, jnp.uint32)  # flat index of the leading axes
+  for a in range(len(lead)):
+    index = index + iota(a) * np.uint32(math.prod(lead[a + 1:]))
+  cell = ((iota(len(lead)) + np.uint32(first_row)) << 16) | iota(len(lead) + 1)
+  bits = jax_random_ext.threefry2x32_p.bind(data[0], data[1], index, cell)  # 2 x grid
+  draws = jnp.stack([b >> 16 for b in bits], axis=-1)  # (..., rows, pairs, 2)
+  draws = draws.reshape(*lead, rows, 2 * pairs)[..., :cols].reshape(shape)
   threshold = jnp.round(keep_prob * 65536.0)  # keep iff draw < threshold
   return draws.astype(jnp.float32) < threshold, threshold / 65536.0
 
 
-def _dropout(x, rate, key, active: bool):
-  """Inverted dropout with a traced rate (one per branch under vmap); `active` is static."""
+def _dropout(x, rate, key, active: bool, first_row: int = 0):
+  """Inverted dropout with a traced rate (one per branch under vmap); `active` is static;
+  `first_row`: the row of x's first row in the whole tensor (a query block's first row)."""
   if not active:
     return x
-  keep, keep_prob = _keep_mask(key, 1.0 - rate, x.shape)
+  keep, keep_prob = _keep_mask(key, 1.0 - rate, x.shape, first_row)
   return jnp.where(keep, x / keep_prob, 0.0)
 
 
 class _Static(NamedTuple):
-  """What the traced layer needs to know at trace time (hashable)."""
+  """What the traced branch needs to know at trace time."""
   num_heads: int
+  num_layers: int
   blocks: tuple  # query_blocks(...)
-  attn_dropout: bool  # some branch of the group has attention dropout and training is on
-  relu_dropout: bool
-  res_dropout: bool
+  embed_rate: float
+  relu_rate: float
+  res_rate: float
+  training: bool  # dropout on
+  attn_dropout: bool  # training, and some branch computed with this has attention dropout
+  remat: bool
+  scan: bool  # layers under lax.scan ("vmap" schedule) or unrolled ("loop")
   record: bool = False  # also return the attention weights (analysis; see TransformerStack)
 
 
-def _attention(p, x, k_in, v_in, bias, key_mask, rate, keys, st: _Static):
-  """Multi-head attention of one branch. x (B, T_q, E); k_in, v_in (B, T_k, E); bias (T_q, T_k)
-  additive mask (0 visible, -1e30 hidden); key_mask (B, T_k) bool or None; keys: one dropout
-  key per query block. With `st.record`, returns (output, pre-dropout weights (B, h, T_q, T_k))."""
+_LAYER_SITES = 4  # dropout keys of a layer: attention weights, res, relu, res
+_EMBED_SITES = 3  # query, key, value
+
+
+def _attention(p, x, k_in, v_in, bias, key_mask, rate, key, st: _Static):
+  """Multi-head attention of one branch (Eq. 10).
+
+  Args:
+    p: in_proj_kernel (E, 3E), in_proj_bias (3E,), out_proj {kernel (E, E), bias (E,)}.
+    x: (B, T_q, E) normalised queries.
+    k_in, v_in: None for self-attention (keys and values are x), else (B, T_k, E) each (one
+      array, projected once, when key and value are the same).
+    bias: (T_q, T_k) additive mask (0 visible, _HIDDEN hidden) or None (everything visible).
+    key_mask: (B, T_k) bool or None.
+    rate, key: attention-dropout rate and key.
+    st: static settings (heads, query blocks, dropout on, recording).
+
+  Returns:
+    (B, T_q, E); with `st.record`, also the pre-dropout weights (B, h, T_q, T_k).
+  """
   b, t_q, e = x.shape
   h = st.num_heads
   hd = e // h
-  w, wb = p["in_proj_kernel"], p["in_proj_bias"]  # (E, 3E), (3E,)
-  # Heads laid out once, head-major, straight out of the projection: (B, h, T, hd).
-  q = jnp.einsum("bte,ehc->bhtc", x, (w[:, :e] * hd**-0.5).reshape(e, h, hd))
-  q = q + (wb[:e] * hd**-0.5).reshape(h, 1, hd)
+  w, wb = p["in_proj_kernel"], p["in_proj_bias"]  # torch in_proj_weight.T (E, 3E), (3E,)
   # The key bias adds q.b_k to every score of a query row, which the softmax cancels: its
   # gradient is exactly 0. stop_gradient makes it exactly 0 in floating point too, so Adam does
   # not turn rounding noise into +-lr updates (runs on 1 and N devices would drift apart).
-  k = jnp.einsum("bte,ehc->bhtc", k_in, w[:, e:2 * e].reshape(e, h, hd))
-  k = k + jax.lax.stop_gradient(wb[e:2 * e]).reshape(h, 1, hd)
-  v = jnp.einsum("bte,ehc->bhtc", v_in, w[:, 2 * e:].reshape(e, h, hd))
-  v = v + wb[2 * e:].reshape(h, 1, hd)
+  wb = jnp.concatenate([wb[:e], jax.lax.stop_gradient(wb[e:2 * e]), wb[2 * e:]])
+  if k_in is None:  # self-attention: one (E, 3E) product
+    q, k, v = jnp.split(x @ w + wb, 3, axis=-1)
+  elif v_in is k_in:  # cross-modal with one source: q, then k and v in one (E, 2E) product
+    q = x @ w[:, :e] + wb[:e]  # (B, T_q, E)
+    k, v = jnp.split(k_in @ w[:, e:] + wb[e:], 2, axis=-1)  # (B, T_k, E) each
+  else:
+    q = x @ w[:, :e] + wb[:e]
+    k = k_in @ w[:, e:2 * e] + wb[e:2 * e]
+    v = v_in @ w[:, 2 * e:] + wb[2 * e:]
+  t_k = k.shape[1]
+  q = (q * hd**-0.5).reshape(b, t_q, h, hd)
+  k = k.reshape(b, t_k, h, hd)
+  v = v.reshape(b, t_k, h, hd)
   outs, recorded = [], []
-  for i, (q0, q1, k_end) in enumerate(st.blocks):
-    scores = jnp.einsum("bhqc,bhkc->bhqk", q[:, :, q0:q1], k[:, :, :k_end])  # Eq. 10 QK^T/sqrt(d)
-    scores = scores + bias[q0:q1, :k_end]
+  for q0, q1, k_end in st.blocks:
+    # (B, h, rows, k_end); Eq. 10 Q K^T / sqrt(d)
+    scores = jnp.einsum("bqhc,bkhc->bhqk", q[:, q0:q1], k[:, :k_end])
+    if bias is not None:
+      scores = scores + bias[q0:q1, :k_end]
     if key_mask is not None:
-      scores = jnp.where(key_mask[:, None, None, :k_end], scores, _HIDDEN)
-    weights = jax.nn.softmax(scores, axis=-1)  # (B, h, rows, k_end)
+      padding = key_mask[:, None, None, :k_end]  # (B, 1, 1, k_end)
+      scores = jnp.where(padding, scores, _HIDDEN)
+    weights = jax.nn.softmax(scores, axis=-1)
     if key_mask is not None:
-      # A row with no visible key: zero weights instead of a uniform average over masked keys.
-      visible = jnp.logical_and(key_mask[:, None, None, :k_end], bias[q0:q1, :k_end] == 0)
+      # A row with no visible key: zero weights instead of a uniform average over masked
+      # keys. (The causal mask alone always leaves key 0 visible.)
+      visible = padding if bias is None else padding & (bias[q0:q1, :k_end] == 0)
       weights = jnp.where(jnp.any(visible, axis=-1, keepdims=True), weights, 0.0)
     if st.record:
-      recorded.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, k_in.shape[1] - k_end))))
-    weights = _dropout(weights, rate, keys[i], st.attn_dropout)
-    outs.append(jnp.einsum("bhqk,bhkc->bqhc", weights, v[:, :, :k_end]))
+      recorded.append(jnp.pad(weights, ((0, 0), (0, 0), (0, 0), (0, t_k - k_end))))
+    weights = _dropout(weights, rate, key, st.attn_dropout, first_row=q0)
+    outs.append(jnp.einsum("bhqk,bkhc->bqhc", weights, v[:, :k_end]))
   out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)  # (B, T_q, h, hd)
   out = out.reshape(b, t_q, e) @ p["out_proj"]["kernel"] + p["out_proj"]["bias"]
   return (out, jnp.concatenate(recorded, axis=2)) if st.record else out
 
 
-_LAYER_SITES = 3  # dropout keys of a layer besides the attention's: res, relu, res
-
-
-def _encoder_layer(p, x, k_src, v_src, bias, key_mask, rates, keys, st: _Static):
+def _encoder_layer(p, x, k_src, v_src, bias, key_mask, attn_rate, keys, st: _Static):
   """One pre-LN layer of one branch: (cross-)attention + FFN, each with a residual connection.
-  rates: (attn, relu, res) dropout rates of this branch; keys: _LAYER_SITES + one per query
-  block (drawn once for all sites: every `fold_in` or `split` is a threefry hash of its own)."""
-  attn_rate, relu_rate, res_rate = rates
+  k_src, v_src: the embedded source (None for self-attention); keys: _LAYER_SITES dropout keys
+  (or None when not training)."""
+  keys = [None] * _LAYER_SITES if keys is None else keys
   norm_0 = lambda y: _layer_norm(y, p["layer_norm_0"]["scale"], p["layer_norm_0"]["bias"])
   residual = x
   x = norm_0(x)
   if k_src is None:
-    k_in = v_in = x
+    k_in = v_in = None
+  elif v_src is k_src:  # no embedding dropout: key and value are one array, normalised once
+    k_in = v_in = norm_0(k_src)
   else:
     k_in, v_in = norm_0(k_src), norm_0(v_src)  # the same LayerNorm on q, k and v, as coded
-  x = _attention(p["self_attn"], x, k_in, v_in, bias, key_mask, attn_rate,
-                 keys[_LAYER_SITES:], st)
+  with jax.named_scope("self_attn"):  # op names for profiles, as the per-branch modules had
+    x = _attention(p["self_attn"], x, k_in, v_in, bias, key_mask, attn_rate, keys[0], st)
   if st.record:
     x, weights = x
-  x = residual + _dropout(x, res_rate, keys[0], st.res_dropout)
+  x = residual + _dropout(x, st.res_rate, keys[1], st.training and st.res_rate > 0)
   residual = x
   x = _layer_norm(x, p["layer_norm_1"]["scale"], p["layer_norm_1"]["bias"])
   x = jax.nn.relu(x @ p["fc1"]["kernel"] + p["fc1"]["bias"])  # (B, T_q, 4E)
-  x = _dropout(x, relu_rate, keys[1], st.relu_dropout)
+  x = _dropout(x, st.relu_rate, keys[2], st.training and st.relu_rate > 0)
   x = x @ p["fc2"]["kernel"] + p["fc2"]["bias"]
-  x = residual + _dropout(x, res_rate, keys[2], st.res_dropout)
+  x = residual + _dropout(x, st.res_rate, keys[3], st.training and st.res_rate > 0)
   return (x, weights) if st.record else x
 
 
-def _stack_masks(lengths, t_q, t_k, causal):
-  """(G, T_q, T_k) additive masks: the causal rule of each branch's REAL lengths, and no weight
-  on the keys past a branch's real length (padding added to stack it)."""
+def _branch(p, norm, x, src, bias, key_mask, attn_rate, key, st: _Static):
+  """One MulT transformer encoder: the input embedding, `st.num_layers` layers, the final
+  LayerNorm. Both schedules compute every branch with this function: "vmap" under `jax.vmap`
+  (layers under `lax.scan`), "loop" as it is (layers unrolled).
+
+  Args:
+    p: the branch's layer parameters, every leaf with the layer axis L first.
+    norm: the final LayerNorm's scale and bias (E,).
+    x: (B, T_q, E) the query sequence; src: (B, T_k, E) the key/value sequence or None.
+    bias: (T_q, T_k) additive mask or None; key_mask: (B, T_k) bool or None.
+    attn_rate: attention-dropout rate (traced under vmap); key: the branch's dropout key, None
+      when not training. Every dropout key of the branch comes from one split of it.
+
+  Returns:
+    (B, T_q, E); with `st.record`, also every layer's attention weights (L, B, h, T_q, T_k).
+  """
+  scale = math.sqrt(x.shape[-1])
+  embed_on = st.training and st.embed_rate > 0
+  num_layers = st.num_layers
+  embed_keys, layer_keys = [None] * _EMBED_SITES, None
+  if key is not None:
+    keys = jax.random.split(key, _EMBED_SITES + num_layers * _LAYER_SITES)
+    embed_keys = keys[:_EMBED_SITES]
+    layer_keys = keys[_EMBED_SITES:].reshape(num_layers, _LAYER_SITES)
+  # Input embedding: sqrt(E) x + PE(x) (zero-padded frames get PE 0 by the padding rule).
+  h = _dropout(scale * x + positional_embedding(x), st.embed_rate, embed_keys[0], embed_on)
+  h_k = h_v = None
+  if src is not None:
+    s = scale * src + positional_embedding(src)  # (B, T_k, E)
+    h_k = _dropout(s, st.embed_rate, embed_keys[1], embed_on)  # separate masks for k and v
+    h_v = _dropout(s, st.embed_rate, embed_keys[2], embed_on)  # (h_v is h_k when off)
+
+  def layer(h, p_l, keys_l):
+    return _encoder_layer(p_l, h, h_k, h_v, bias, key_mask, attn_rate, keys_l, st)
+
+  if st.remat:  # inside scan CSE cannot undo the recomputation; unrolled it could
+    layer = jax.checkpoint(layer, prevent_cse=not st.scan)
+  if st.scan:
+    def step(h, xs):
+      out = layer(h, *xs)
+      return out if st.record else (out, None)  # (h, this layer's weights when recording)
+
+    with jax.named_scope("layers"):
+      h, weights = jax.lax.scan(step, h, (p, layer_keys))
+  else:
+    # Split (not sliced) into layers: the backward pass joins the gradients with one
+    # concatenate instead of a pad + add per layer.
+    weights = []
+    for i, p_l in enumerate(_split_tree(p, num_layers)):
+      with jax.named_scope(f"layers_{i}"):
+        h = layer(h, p_l, None if layer_keys is None else layer_keys[i])
+      if st.record:
+        h, w = h
+        weights.append(w)
+    weights = jnp.stack(weights) if st.record else None
+  out = _layer_norm(h, norm["scale"], norm["bias"])  # (B, T_q, E)
+  return (out, weights) if st.record else out
+
+
+def _hidden_bias(lengths, t_q, t_k, causal):
+  """(G, T_q, T_k) additive masks, or None when nothing is hidden: the causal rule of each
+  branch's REAL lengths, and no weight on the keys past a branch's real length (padding added
+  to stack it)."""
   masks = np.zeros((len(lengths), t_q, t_k), np.float32)
   for g, (tq, tk) in enumerate(lengths):
     visible = np.zeros((t_q, t_k), bool)
@@ -453,7 +386,7 @@ def _stack_masks(lengths, t_q, t_k, causal):
     if causal:
       visible[:, :tk] &= np.arange(tk)[None, :] <= np.arange(t_q)[:, None] + abs(tk - tq)
     masks[g][~visible] = _HIDDEN
-  return jnp.asarray(masks)
+  return jnp.asarray(masks) if masks.any() else None
 
 
 def _split_tree(tree, n):
@@ -464,12 +397,9 @@ def _split_tree(tree, n):
   return [treedef.unflatten([p[i] for p in parts]) for i in range(n)]
 
 
-def _per_branch_tree(layer_params, final_norm, num_layers):
-  """One branch's stacked parameters (L, ...) -> the `TransformerEncoder` tree: the per-layer
-  tree `_params` builds is already a `TransformerEncoderLayer`'s, so each layer's slice is
-  `layers_{i}` as it is."""
-  layers = _split_tree(layer_params, num_layers)
-  return {"layer_norm": final_norm, **{f"layers_{i}": p for i, p in enumerate(layers)}}
+def _branch_key(key, g: int):
+  """Branch g's dropout key: the same in both schedules, whatever the grouping."""
+  return jax.random.fold_in(key, g)
 
 
 def _pad_to(x, t):
@@ -479,12 +409,19 @@ def _pad_to(x, t):
 class TransformerStack(nn.Module):
   """G MulT transformer encoders of one kind (same width, heads and depth), computed as one.
 
-  Every parameter has a leading branch axis G and, inside a layer, a layer axis L: the branches
-  run under `jax.vmap` and the layers under `jax.lax.scan`, so one layer body is traced and
-  compiled once for all G x L layers. Branches whose lengths differ by at most `slack` are zero-
-  padded to a common length with exact masks (padded keys get no weight, the causal offset and
-  the positions stay those of each branch's real lengths, padded query rows are cut off before
-  returning); branches of very different lengths are computed in separate groups.
+  Every parameter has a leading branch axis G and, inside a layer, a layer axis L. How the same
+  parameters are computed is `compute`; both schedules run every branch through `_branch`, with
+  the same dropout masks (each branch's key is the stack's key folded with the branch index):
+
+  * "vmap": branches whose lengths differ by at most `slack` are zero-padded to a common length
+    with exact masks (padded keys get no weight, the causal offset and the positions stay those
+    of each branch's real lengths, padded query rows are cut off before returning) and run as
+    one `jax.vmap`, the layers under `jax.lax.scan`, so one layer body is traced and compiled
+    once for all G x L layers (few, large operations: compiles in seconds, and what a GPU
+    wants); branches of very different lengths are computed in separate groups.
+  * "loop": every branch on its own at its own lengths, the layers unrolled (the same numbers;
+    many small independent operations, which a CPU runtime overlaps on its cores, at the cost
+    of compile time).
 
   Attributes:
     num_heads: attention heads.
@@ -496,12 +433,8 @@ class TransformerStack(nn.Module):
     query_block: causal attention in blocks of this many query rows (0 = off); see
       `query_blocks`. The same outputs, less work on long sequences.
     remat: recompute each layer's activations in the backward pass instead of storing them.
-    slack: largest padded/real length ratio inside one group (see `plan_groups`).
-    compute: how the same parameters are computed. "vmap": each group of branches as one
-      vmapped computation with the layers under `lax.scan` (few, large operations: compiles in
-      seconds, and what a GPU wants); "loop": every branch on its own with the layers unrolled
-      (the same numbers; many small independent operations, which a CPU runtime overlaps on
-      its cores, at the cost of compile time).
+    slack: largest padded/real length ratio inside one "vmap" group (see `plan_groups`).
+    compute: "vmap" or "loop" (above).
   """
   num_heads: int
   num_layers: int
@@ -538,6 +471,13 @@ class TransformerStack(nn.Module):
         "fc2": dense("fc2", 4 * e, e),
     }
     return layers, norm("layer_norm", (g, e))
+
+  def _static(self, blocks, attn_rates, training, record):
+    return _Static(
+        num_heads=self.num_heads, num_layers=self.num_layers, blocks=tuple(blocks),
+        embed_rate=self.embed_dropout, relu_rate=self.relu_dropout, res_rate=self.res_dropout,
+        training=training, attn_dropout=training and any(r > 0 for r in attn_rates),
+        remat=self.remat, scan=self.compute == "vmap", record=record)
 
   @nn.compact
   def __call__(self, xs, sources=None, *, key_masks=None, deterministic: bool):
@@ -585,122 +525,77 @@ class TransformerStack(nn.Module):
     rates = tuple(rates) if isinstance(rates, (list, tuple)) else (rates,) * g_all
     if len(rates) != g_all:
       raise ValueError(f"{len(rates)} attention dropout rates for {g_all} branches")
-    layer_params, final_norm = self._params(g_all, e)
-    key = None if deterministic else self.make_rng("dropout")
-
-    lengths = [(x.shape[1], s.shape[1]) for x, s in zip(xs, srcs)]
     if self.compute not in ("vmap", "loop"):  # the model's config is checked in ModelSettings
       raise ValueError(f"TransformerStack.compute must be 'vmap' or 'loop', got "
                        f"{self.compute!r}")
+    layer_params, final_norm = self._params(g_all, e)
+    key = None if deterministic else self.make_rng("dropout")
+    lengths = [(x.shape[1], s.shape[1]) for x, s in zip(xs, srcs)]
     outputs = [None] * g_all
     attention = [None] * g_all
+
     if self.compute == "loop":
-      # One branch at a time: split (not sliced) out of the stacked parameters, so the backward
-      # pass joins the gradients with one concatenate instead of a pad + add per branch.
+      # One branch at a time at its own lengths: split (not sliced) out of the stacked
+      # parameters, so the backward pass joins the gradients with one concatenate instead of a
+      # pad + add per branch.
       per_branch = zip(_split_tree(layer_params, g_all), _split_tree(final_norm, g_all))
       for g, (lp, fn) in enumerate(per_branch):
-        encoder = TransformerEncoder(
-            self.num_heads, self.num_layers, attn_dropout=rates[g],
-            relu_dropout=self.relu_dropout, res_dropout=self.res_dropout,
-            embed_dropout=self.embed_dropout, causal_mask=self.causal_mask,
-            query_block=self.query_block, remat=self.remat)
-        outputs[g] = encoder.apply(
-            {"params": _per_branch_tree(lp, fn, self.num_layers)}, xs[g],
-            srcs[g] if cross else None, key_mask=None if key_masks is None else key_masks[g],
-            deterministic=deterministic,
-            rngs=None if key is None else {"dropout": jax.random.fold_in(key, g)},
-            mutable=["intermediates"] if record else False)
-        if record:
-          outputs[g], sown = outputs[g]
-          attention[g] = jnp.stack(
-              [sown["intermediates"][f"layers_{i}"]["self_attn"]["attention_weights"][0]
-               for i in range(self.num_layers)])  # (L, B, h, T_q, T_k)
-      if record:
-        self.sow("intermediates", "attention", tuple(attention))
-      return outputs[0] if single else outputs
-    for n, group in enumerate(plan_groups(lengths, self.slack)):
-      if group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
-        take = lambda tree, lo=group[0], hi=group[-1] + 1: jax.tree.map(lambda a: a[lo:hi], tree)
-      else:
-        idx = np.asarray(group)
-        take = lambda tree, idx=idx: jax.tree.map(lambda a: a[idx], tree)
-      if len(group) == g_all:
-        take = lambda tree: tree
-      out = self._group(
-          take(layer_params), take(final_norm), [xs[i] for i in group],
-          [srcs[i] for i in group] if cross else None,
-          None if key_masks is None else [key_masks[i] for i in group],
-          [rates[i] for i in group], None if key is None else jax.random.fold_in(key, n), record)
-      if record:
-        out, weights = out
-        for i, w in zip(group, weights):
-          attention[i] = w
-      for i, o in zip(group, out):
-        outputs[i] = o
+        t_q, t_k = lengths[g]
+        bias = _hidden_bias([lengths[g]], t_q, t_k, self.causal_mask)
+        st = self._static(query_blocks(t_q, t_k, self.causal_mask, self.query_block),
+                          [rates[g]], key is not None, record)
+        out = _branch(lp, fn, xs[g], srcs[g] if cross else None,
+                      None if bias is None else bias[0],
+                      None if key_masks is None else key_masks[g], rates[g],
+                      None if key is None else _branch_key(key, g), st)
+        outputs[g], attention[g] = out if record else (out, None)
+    else:
+      for group in plan_groups(lengths, self.slack):
+        out, weights = self._group(group, layer_params, final_norm, xs, srcs if cross else None,
+                                   key_masks, rates, key, record)
+        for i, o, w in zip(group, out, weights):
+          outputs[i], attention[i] = o, w
     if record:
       self.sow("intermediates", "attention", tuple(attention))
     return outputs[0] if single else outputs
 
-  def _group(self, layer_params, final_norm, xs, srcs, key_masks, attn_rates, key,
-             record=False):
-    """One group of branches, zero-padded to its longest, as one vmapped, scanned computation.
-    With `record`, also every branch's attention weights (L, B, h, T_q, T_k), padding cut off."""
+  def _group(self, group, layer_params, final_norm, xs, srcs, key_masks, rates, key, record):
+    """The branches `group` (indices), zero-padded to the longest, as one vmapped, scanned
+    computation. Returns their outputs (B, T_q[g], E) and their attention weights
+    (L, B, h, T_q[g], T_k[g]), padding cut off (None each unless `record`)."""
+    g_all = len(xs)
+    if len(group) == g_all:
+      take = lambda tree: tree
+    elif group == list(range(group[0], group[-1] + 1)):  # contiguous: a slice
+      take = lambda tree: jax.tree.map(lambda a: a[group[0]:group[-1] + 1], tree)
+    else:
+      take = lambda tree: jax.tree.map(lambda a: a[np.asarray(group)], tree)
+    xs = [xs[i] for i in group]
+    srcs = None if srcs is None else [srcs[i] for i in group]
     lengths = [(x.shape[1], (x if srcs is None else s).shape[1])
                for x, s in zip(xs, srcs or xs)]
     t_q = max(tq for tq, _ in lengths)
     t_k = max(tk for _, tk in lengths)
-    e = xs[0].shape[-1]
-    scale = math.sqrt(e)
+    attn_rates = [rates[i] for i in group]
     training = key is not None
-    st = _Static(
-        num_heads=self.num_heads,
-        blocks=tuple(query_blocks(t_q, t_k, self.causal_mask, self.query_block, lengths)),
-        attn_dropout=training and any(r > 0 for r in attn_rates),
-        relu_dropout=training and self.relu_dropout > 0,
-        res_dropout=training and self.res_dropout > 0, record=record)
-    embed_on = training and self.embed_dropout > 0
+    st = self._static(query_blocks(t_q, t_k, self.causal_mask, self.query_block, lengths),
+                      attn_rates, training, record)
     x = jnp.stack([_pad_to(x, t_q) for x in xs])  # (G, B, T_q, E)
     src = None if srcs is None else jnp.stack([_pad_to(s, t_k) for s in srcs])  # (G, B, T_k, E)
     kpm = None
     if key_masks is not None:
-      kpm = jnp.stack([jnp.pad(km, ((0, 0), (0, t_k - km.shape[1]))) for km in key_masks])
-    bias = _stack_masks(lengths, t_q, t_k, self.causal_mask)  # (G, T_q, T_k)
-    g = len(xs)
-    rates = jnp.asarray([[r, self.relu_dropout, self.res_dropout] for r in attn_rates],
-                        jnp.float32)  # (G, 3)
-    keys = jax.random.split(key if training else jax.random.key(0), g)
-    embed_rate = jnp.float32(self.embed_dropout)
-
-    num_sites = _LAYER_SITES + len(st.blocks)
-
-    def branch(p, norm, x, src, bias, kpm, rates, key):
-      # Every dropout key of the branch from one split (3 embedding + per layer num_sites).
-      keys = jax.random.split(key, 3 + self.num_layers * num_sites)
-      layer_keys = keys[3:].reshape(self.num_layers, num_sites)
-      # Input embedding: sqrt(E) x + PE(x) (padded frames are zero: PE 0 by the padding rule).
-      h = _dropout(scale * x + positional_embedding(x), embed_rate, keys[0], embed_on)
-      h_k = h_v = None
-      if src is not None:
-        s = scale * src + positional_embedding(src)
-        h_k = _dropout(s, embed_rate, keys[1], embed_on)  # separate masks for k and v
-        h_v = _dropout(s, embed_rate, keys[2], embed_on)
-      rate_tuple = (rates[0], rates[1], rates[2])
-
-      def layer(h, xs_l):
-        p_l, k_l = xs_l
-        out = _encoder_layer(p_l, h, h_k, h_v, bias, kpm, rate_tuple, k_l, st)
-        return out if st.record else (out, None)  # (h, per-layer weights when recording)
-
-      if self.remat:  # prevent_cse=False: inside scan, CSE cannot undo the recomputation
-        layer = jax.checkpoint(layer, prevent_cse=False)
-      h, weights = jax.lax.scan(layer, h, (p, layer_keys))
-      return _layer_norm(h, norm["scale"], norm["bias"]), weights
-
-    in_axes = (0, 0, 0, None if src is None else 0, 0, None if kpm is None else 0, 0, 0)
-    out, weights = jax.vmap(branch, in_axes=in_axes)(
-        layer_params, final_norm, x, src, bias, kpm, rates, keys)  # (G, B, T_q, E)
-    out = [out[i, :, :tq] for i, (tq, _) in enumerate(lengths)]  # padded queries cut off
+      kpm = jnp.stack([jnp.pad(key_masks[i], ((0, 0), (0, t_k - key_masks[i].shape[1])))
+                       for i in group])  # (G, B, T_k)
+    bias = _hidden_bias(lengths, t_q, t_k, self.causal_mask)  # (G, T_q, T_k) or None
+    keys = jnp.stack([_branch_key(key, i) for i in group]) if training else None
+    axis = lambda a: None if a is None else 0
+    out = jax.vmap(lambda *args: _branch(*args, st=st),
+                   in_axes=(0, 0, 0, axis(src), axis(bias), axis(kpm), 0, axis(keys)))(
+        take(layer_params), take(final_norm), x, src, bias, kpm,
+        jnp.asarray(attn_rates, jnp.float32), keys)  # (G, B, T_q, E)
+    out, weights = out if record else (out, None)
+    outs = [out[i, :, :tq] for i, (tq, _) in enumerate(lengths)]  # padded queries cut off
     if not record:
-      return out
+      return outs, [None] * len(group)
     # (G, L, B, h, T_q, T_k) -> per branch, its real query rows and keys.
-    return out, [weights[i, :, :, :, :tq, :tk] for i, (tq, tk) in enumerate(lengths)]
+    return outs, [weights[i, :, :, :, :tq, :tk] for i, (tq, tk) in enumerate(lengths)]
