@@ -59,7 +59,8 @@ def _get(tree, path):
 
 
 def _stack_encoders(encoders, axis):
-  """v1 per-branch transformer trees (one `TransformerEncoder` module per branch in v1) -> the flat v2 `TransformerStack` tree."""
+  """v1 transformer trees (one `TransformerEncoder` module per branch) -> the flat v2
+  `TransformerStack` tree."""
   num_layers = len([k for k in encoders[0] if k.startswith("layers_")])
   out = {}
   for leaf, path in _LAYER_LEAVES.items():
