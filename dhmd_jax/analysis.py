@@ -1,6 +1,6 @@
 """The arrays behind the paper's analysis figures, as pure functions of parameters and batches.
 
-Nothing here draws, reads a workdir or parses flags (`dhmd_jax.analyze` does); every function takes
+Nothing here draws, reads a workdir or parses flags (`dhmd_jax.figures` does); every function takes
 a model, one seed's parameters and batches in the model's layout (`data.split_arrays`), or arrays
 these functions returned:
 

@@ -1,6 +1,6 @@
 """What every command line of dhmd-jax shares: absl flags, one-line errors, exit statuses, help.
 
-Each entry point (`main`, `benchmark`, `analyze`, `synthetic`, the grids of `experiments/`)
+Each entry point (`main`, `benchmark`, `figures`, `synthetic`, the grids of `experiments/`)
 defines its flags with absl (`flags.DEFINE_*`; its config with `define_config`, ml_collections'
 config flag) and hands its `main(argv)` to `run`, which parses the command line and maps how
 the command ends to one line on stderr and an exit status:

@@ -141,7 +141,7 @@ def _refuse_sweep(workdir, host):
   if host.get("loss_weights"):
     raise train_lib.TrainingError(
         f"{workdir} holds a loss-weight sweep ({len(next(iter(host['loss_weights'].values())))} "
-        f"runs of several weights), which evaluate, predict and analyze do not read; use the "
+        f"runs of several weights), which evaluate, predict and figures do not read; use the "
         f"sweep's own results.json and results.md, or train the value alone")
 
 

@@ -1,6 +1,6 @@
 """Draws the paper's analysis figures for a trained workdir, each with the numbers behind it.
 
-  python -m dhmd_jax.analyze --workdir=runs/mosei [--split=test] [--compare=runs/mosei-no-dm]
+  python -m dhmd_jax.figures --workdir=runs/mosei [--split=test] [--compare=runs/mosei-no-dm]
       [--sample=INDEX] [--out=DIR] [--checkpoint=best|latest] [--seed=SEED]
 
 Writes into --out (default <workdir>/analysis), as PNG (matplotlib, Agg) plus CSV/NPZ:
@@ -603,7 +603,7 @@ def analyze(workdir, *, split="test", compare="", sample=0, out="", which="best"
   start = time.time()
   for module in ("matplotlib", "sklearn"):
     if importlib.util.find_spec(module) is None:
-      raise AnalyzeError(f"python -m dhmd_jax.analyze needs matplotlib and scikit-learn "
+      raise AnalyzeError(f"python -m dhmd_jax.figures needs matplotlib and scikit-learn "
                          f"({module} is missing): pip install -e '.[analysis]'")
   if split not in SPLITS:
     raise AnalyzeError(f"--split must be one of {SPLITS}, got {split!r}")
@@ -686,7 +686,7 @@ def analyze(workdir, *, split="test", compare="", sample=0, out="", which="best"
 
 
 COMMAND = cli.Command(
-    prog="python -m dhmd_jax.analyze", summary="Draws the analysis figures of a trained workdir.",
+    prog="python -m dhmd_jax.figures", summary="Draws the analysis figures of a trained workdir.",
     required=("workdir",), placeholders={"workdir": "DIR", "compare": "DIR", "out": "DIR"},
     failures=(AnalyzeError,))
 

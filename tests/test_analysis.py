@@ -1,6 +1,6 @@
 """dhmd_jax.analysis on a tiny trained run, and the opt-in attention maps of the transformer
 stacks against a NumPy recomputation (both stack computations); then `python -m
-dhmd_jax.analyze` on the same run: every figure file is written, the numbers in its CSV/NPZ
+dhmd_jax.figures` on the same run: every figure file is written, the numbers in its CSV/NPZ
 files are those of the analysis functions, and bad input ends with one line. One file, so the
 tiny run is trained once (also when the suite runs on several workers)."""
 
@@ -19,7 +19,7 @@ import pytest
 
 from configs import tiny
 from dhmd_jax import analysis
-from dhmd_jax import analyze
+from dhmd_jax import figures
 from dhmd_jax import data as data_lib
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import steps
@@ -42,7 +42,7 @@ NUMBERS = ("analysis.npz", "edges_mean.csv", "edges_per_class.csv", "edges_epoch
 
 def tiny_run(tmp_path_factory):
   """The tiny config (2 seeds, 2 epochs) trained once: the analysis functions' tests and the
-  analyze command's share the run (whichever fixture comes first trains it; a run interrupted
+  figures command's share the run (whichever fixture comes first trains it; a run interrupted
   before its report resumes from its checkpoint)."""
   workdir = tmp_path_factory.getbasetemp() / "tiny_analysis_run"
   if not (workdir / "results.json").exists():
@@ -57,7 +57,7 @@ def tiny_run(tmp_path_factory):
 def run(tmp_path_factory):
   """The tiny config trained once (2 seeds, 2 epochs), its best parameters and test arrays."""
   workdir = tiny_run(tmp_path_factory)
-  config, dataset, model, stacked = analyze.load_run(workdir, "best")
+  config, dataset, model, stacked = figures.load_run(workdir, "best")
   arrays = data_lib.split_arrays(dataset.splits["test"], config.dataset.task)
   params = analysis.seed_params(stacked, 0)
   outputs = analysis.split_outputs(model, params, arrays,
@@ -301,25 +301,38 @@ def test_training_curves_and_edges_over_epochs(run):
   again = dict(records[1], lr=[9.0] * len(seeds))
   assert analysis.training_curves(records + [again])["lr"][-1].tolist() == [9.0] * len(seeds)
 
-# ----------------------------------------------------------------------------- the analyze command
+# ----------------------------------------------------------------------------- the figures command
+
+
+def other_run(tmp_path_factory):
+  """A second, different run for --compare: the tiny config with other seeds, one epoch."""
+  workdir = tmp_path_factory.getbasetemp() / "tiny_analysis_other_run"
+  if not (workdir / "results.json").exists():
+    config = tiny.get_config()
+    config.train.seeds = (7, 8)
+    config.train.num_epochs = 1
+    train_lib.train_and_evaluate(config, str(workdir))
+  return str(workdir)
 
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
-  """The tiny config trained once; analyze run on it (compared with itself) into out/."""
+  """The tiny config trained once; figures run on it, compared with another run, into out/."""
   workdir = tiny_run(tmp_path_factory)
-  out = str(tmp_path_factory.mktemp("analyze_out"))
-  analyze.main([f"--workdir={workdir}", "--split=test", f"--compare={workdir}",
+  other = other_run(tmp_path_factory)
+  out = str(tmp_path_factory.mktemp("figures_out"))
+  figures.main([f"--workdir={workdir}", "--split=test", f"--compare={other}",
                 f"--sample={SAMPLE}", f"--out={out}"])
-  config, dataset, model, stacked = analyze.load_run(workdir)
+  config, dataset, model, stacked = figures.load_run(workdir)
   arrays = data_lib.split_arrays(dataset.splits["test"], config.dataset.task)
   params = analysis.seed_params(stacked, 0)
   outputs = analysis.split_outputs(model, params, arrays,
                                    batch_size=config.train.eval_batch_size)
   classes, names = analysis.sentiment_classes(arrays["label"], task="regression",
                                               dataset="synthetic")
-  return dict(workdir=workdir, out=out, config=config, model=model, stacked=stacked,
-              params=params, arrays=arrays, outputs=outputs, classes=classes, names=names)
+  return dict(workdir=workdir, other=other, out=out, config=config, model=model,
+              stacked=stacked, params=params, arrays=arrays, outputs=outputs, classes=classes,
+              names=names)
 
 
 def _rows(path):
@@ -371,9 +384,26 @@ def test_edge_csvs_match(analyzed):
       assert r["weight"] == "nan"
     else:
       np.testing.assert_allclose(float(r["weight"]), expected, rtol=1e-5)
-  # Compared with itself: both columns equal this run's means.
-  for r in _rows(os.path.join(out, "edges_compare.csv")):
-    assert float(r["weight_run"]) == float(r["weight_compare"])
+  # Compared with another run: this run's means, then the other run's, computed here from its
+  # own checkpoint (its first seed: this run's seed is not among its seeds).
+  config, dataset, model, stacked = figures.load_run(analyzed["other"])
+  arrays = data_lib.split_arrays(dataset.splits["test"], config.dataset.task)
+  other = analysis.split_outputs(model, analysis.seed_params(stacked, 0), arrays,
+                                 batch_size=config.train.eval_batch_size)
+  other_classes, _ = analysis.sentiment_classes(arrays["label"], task="regression",
+                                                dataset="synthetic")
+  compare = _rows(os.path.join(out, "edges_compare.csv"))
+  assert [(r["space"], r["edge"]) for r in compare] == [(s, e) for s in analysis.SPACES
+                                                        for e in EDGE_NAMES]
+  for r in compare:
+    e = EDGE_NAMES.index(r["edge"])
+    mine = summaries[r["space"]]["mean"][e]
+    theirs = analysis.edge_summary(other[f"gd_{r['space']}_edges"], other_classes,
+                                   num_classes)["mean"][e]
+    np.testing.assert_allclose(float(r["weight_tiny_analysis_run"]), mine, rtol=1e-5)
+    np.testing.assert_allclose(float(r["weight_tiny_analysis_other_run"]), theirs, rtol=1e-5)
+  assert any(abs(float(r["weight_tiny_analysis_run"]) - float(r["weight_tiny_analysis_other_run"]))
+             > 1e-4 for r in compare)  # two different runs
   records = [json.loads(l) for l in open(os.path.join(analyzed["workdir"], "metrics.jsonl"))]
   rows = _rows(os.path.join(out, "edges_epochs.csv"))
   assert len(rows) == 2 * 2 * 2 * 6  # epochs x seeds x spaces x edges
@@ -459,7 +489,7 @@ def test_curves_and_missing_modality_numbers_match(analyzed):
 
 def _fails(capsys, argv, status=1):
   with pytest.raises(SystemExit) as info:
-    analyze.main(argv)
+    figures.main(argv)
   assert info.value.code == status
   err = capsys.readouterr().err.strip()
   assert len(err.splitlines()) == 1 and err.startswith("error: "), err
@@ -488,11 +518,11 @@ def test_bad_command_line(capsys):
   err = _fails(capsys, ["--workdir=x", "--split=dev"], status=2)
   assert err.startswith("error: bad value for --split: 'dev'"), err
   err = _fails(capsys, [], status=2)
-  assert err == "error: --workdir is required (python -m dhmd_jax.analyze --help lists the flags)"
+  assert err == "error: --workdir is required (python -m dhmd_jax.figures --help lists the flags)"
 
 
 def test_the_module_entry_point(tmp_path):
-  proc = subprocess.run([sys.executable, "-m", "dhmd_jax.analyze", f"--workdir={tmp_path}/nope"],
+  proc = subprocess.run([sys.executable, "-m", "dhmd_jax.figures", f"--workdir={tmp_path}/nope"],
                         cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
