@@ -32,13 +32,17 @@ _LOG = logging.getLogger(__name__)
 
 LOCK_FILE = "dhmd.lock"
 BUSY_STATUS = 3  # the exit status of a command refused because its workdir is in use
+WAIT_POLL_S = 0.5  # how often a process waiting for a workdir (`wait_for`) tries its lock
 
 _HELD = {}  # lock file (real path) -> [fd, depth]: re-entrant within this process
 _HELD_GUARD = threading.Lock()
 
 
 class Busy(RuntimeError):
-  """Another process holds the workdir; the message is one line (exit status BUSY_STATUS)."""
+  """Another process holds the workdir; the message is one line (exit status BUSY_STATUS).
+  `holder`: the holder's record (pid, host, what, started), or None when it wrote none."""
+
+  holder = None
 
 
 class WriteError(RuntimeError):
@@ -97,8 +101,10 @@ def describe(holder):
 
 
 def _busy(workdir, holder):
-  return Busy(f"{workdir} is in use: {describe(holder)}; wait for it to end (or stop it), or use "
+  busy = Busy(f"{workdir} is in use: {describe(holder)}; wait for it to end (or stop it), or use "
               f"another --workdir")
+  busy.holder = holder  # its record, for a caller that words its own line (a grid's shards)
+  return busy
 
 
 def _try_lock(workdir, what):
@@ -146,9 +152,10 @@ def _release(path, fd):
 
 
 @contextlib.contextmanager
-def _holding(workdir, what, *, share):
+def _holding(workdir, what, *, share, wait_for=None):
   """Holds the workdir's lock for the block (re-entrant in one process); yields None, or, with
-  `share` and another process holding it, that holder's record (the block runs beside it)."""
+  `share` and another process holding it, that holder's record (the block runs beside it).
+  While another process holds it and `wait_for(its record)` is true, waits for it."""
   path = _lock_path(workdir)
   with _HELD_GUARD:
     held = _HELD.get(path)
@@ -162,6 +169,9 @@ def _holding(workdir, what, *, share):
     return
   try:
     fd, holder = _try_lock(workdir, what)
+    while fd is None and wait_for is not None and wait_for(holder):
+      time.sleep(WAIT_POLL_S)
+      fd, holder = _try_lock(workdir, what)
   except OSError as error:
     if share:  # e.g. a read-only workdir: reading needs no lock
       yield None
@@ -194,20 +204,24 @@ def _let_go(path, held):
       _release(path, held[0])
 
 
-def hold(workdir, what):
+def hold(workdir, what, *, wait_for=None):
   """Context manager: holds `workdir` (which must exist) for the block.
 
   `what` says who holds it ("training", "a table6 grid"), in the line another process prints.
   Raises Busy (one line) when another process holds it, WriteError when the lock file cannot be
-  created. Re-entrant: a process holding it may enter again.
+  created. Re-entrant: a process holding it may enter again. `wait_for(holder)`: called with
+  the holder's record (a dict, or None when it wrote none) while another process holds it;
+  true waits for that holder to let go (polling every `WAIT_POLL_S` seconds) instead of
+  raising Busy (the shards of a grid wait for each other's short holds and for a run's trainer).
   """
-  return _holding(workdir, what, share=False)
+  return _holding(workdir, what, share=False, wait_for=wait_for)
 
 
-def reading(workdir, what):
+def reading(workdir, what, *, wait_for=None):
   """Context manager for a reader (evaluate, predict, analysis) of `workdir`: holds it when
   free and yields None; when another process holds it, yields that holder's record (a dict:
-  pid, host, what, started) and the block runs beside it. Never raises Busy."""
+  pid, host, what, started) and the block runs beside it. Never raises Busy. `wait_for` as in
+  `hold`: a holder it accepts is waited for rather than run beside."""
   if not os.path.isdir(workdir):
     return contextlib.nullcontext()
-  return _holding(workdir, what, share=True)
+  return _holding(workdir, what, share=True, wait_for=wait_for)

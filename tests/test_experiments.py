@@ -158,6 +158,12 @@ def test_table7_head_metrics_beside_the_fused_output(table6_grid, tmp_path):
   # Computed once: a second invocation neither trains nor recomputes the heads.
   status, out, _ = run_main(table7.main, argv)
   assert status == 0 and "head metrics" not in out
+  # A shard (of one) finds every run finished with its heads: it writes the report.
+  os.remove(os.path.join(workdir, "results.json"))
+  with counted_training() as calls:
+    status, out, err = run_main(table7.main, argv + ["--shard_index=0", "--num_shards=1"])
+  assert status == 0 and calls == [] and "head metrics" not in out, err
+  assert read(os.path.join(workdir, "results.json"))["per_seed"] == report["per_seed"]
 
 
 def _predictions(workdir):
@@ -269,7 +275,8 @@ def test_help_and_ctrl_c(tmp_path, monkeypatch):
   assert (status, err) == (0, "")
   assert out.startswith("usage: python -m dhmd_jax.experiments.table6 [--config=FILE[:ARG]]")
   for text in ("--variants=", "--reference=", "--reuse=", "--config.train.num_epochs=",
-               "--helpfull"):
+               "--helpfull", "--devices_per_run=K", "--shard_index=I", "--num_shards=N",
+               "SLURM_ARRAY_TASK_ID"):
     assert text in out, text
   status, out, _ = run_main(sweep.main, ["--helpfull"])
   assert status == 0 and "--lambda_dec=" in out and "--config.dm.num_elements=" in out

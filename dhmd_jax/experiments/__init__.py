@@ -11,4 +11,7 @@ with and without FD, GD and DM; the numbers of Table 7 and Figs. 4-6) and `sweep
 lambda1-3 and the dictionary size K). Every run trains all seeds of the config in one program;
 the values of a loss-weight sweep train side by side in one program too. `grid.py` holds what they
 share: planning, skipping finished runs, progress, and the tables with their statistics.
+`--devices_per_run=K` trains a grid's runs side by side on groups of K devices (a worker process
+each, `worker.py`); `--shard_index=I --num_shards=N` (or a SLURM job array) shares a grid's runs
+out between processes on several hosts.
 """

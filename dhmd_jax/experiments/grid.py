@@ -8,13 +8,20 @@ A grid is a list of `Run`s (each a config, trained in its own sub-workdir of the
    or a sub-workdir whose run was planned differently (`run.json`), one line each;
 2. skips every run already finished (results.json present, its config.json equal to the config
    the grid would run, and for a loss-weight sweep the same weights); the trainer resumes an
-   unfinished one from its checkpoint;
-3. prints one line per run with the grid's elapsed time and ETA; a run's own output goes to
+   unfinished one from its checkpoint. Each run is trained holding its own workdir's lock and
+   checked again under it (`claim`), so processes sharing the grid's workdir never train a run
+   twice: one another process holds is waited for after the others;
+3. trains the rest one after another in this process, or side by side in worker processes on
+   disjoint groups of devices (`Placement`, `--devices_per_run`; `worker.py`), and only its
+   share when it is one shard of several (`run_shard`, `--shard_index/--num_shards` or a SLURM
+   job array's variables);
+4. prints one line per run with the grid's elapsed time and ETA; a run's own output goes to
    `<run>/train.log`;
-4. writes `results.json` (every per-seed value, the runs, the table rows), `results.csv` and
+5. writes `results.json` (every per-seed value, the runs, the table rows), `results.csv` and
    `results.md` at the grid's root: per row and metric mean ± std over seeds, and for each row
    against the table's reference row the paired difference over seeds with its 95% confidence
-   interval and p-value (`dhmd_jax.stats`), "n.s." where not significant at 0.05.
+   interval and p-value (`dhmd_jax.stats`), "n.s." where not significant at 0.05; a shard
+   writes them when it finds every run of the grid finished (the last one to finish).
 
 Rows of a table are variants (table6/7/8) or swept values (sweep). A run gives one row, or, for a
 loss-weight sweep trained in one program (`Run.loss_weights`), one row per value: the trainer's
@@ -28,12 +35,20 @@ fails one line and status 1, Ctrl-C status 130. JAX and the trainer are imported
 grid starts, so a mistake is answered at once.
 """
 
+import collections
 import contextlib
 import dataclasses
 import json
 import logging
 import os
+import pickle
+import queue
+import re
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -324,63 +339,426 @@ def _train_named(run, run_dir):
                     ) from None
 
 
-def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=()):
-  """Trains the runs not finished yet; returns {run name: (results, status, seconds)}.
+def run_grid(kind, base_config, workdir, runs, *, after_run=None, reuse=(), report=None,
+             devices_per_run=0, shard=None):
+  """Trains the runs not finished yet; returns {run name: (results, status, seconds)}, or, with
+  `report`, what `report(that outcome)` returns (written while the grid holds its workdir).
 
   after_run(run, run_workdir, results) -> str: extra work on a run's results (table7's head
-  metrics): what it did ("" when nothing was needed), counted in the run's time.
+  metrics): what it did ("" when nothing was needed), counted in the run's time. Its
+  `pending(run, run_workdir, results)`, when it has one (table7's `HeadMetrics`), says whether
+  work is left on a finished run (without it: always; a shard then never sees the grid done);
+  worker processes are handed it pickled, so it must be defined at a module's top level.
   reuse: other grids' workdirs whose finished runs are copied instead of trained again.
-  The grid holds its workdir meanwhile: a second grid on it stops at once (`workdir.Busy`).
+  devices_per_run: devices each run gets (`Placement`); 0 picks (config.train.num_devices, or 1).
+  shard: None, or (index, count): train only runs index, index + count, ... (`run_shard`).
+
+  Each run is trained holding its own workdir's lock, after checking again that it is not
+  finished; a run another process holds is waited for after the other runs, so no run is
+  trained twice by grids, shards or restarts sharing a workdir. Without `shard` the grid also
+  holds its own workdir meanwhile: a second plain grid on it stops at once (`workdir.Busy`).
   """
+  if shard is not None:
+    return run_shard(kind, base_config, workdir, runs, shard, after_run=after_run, reuse=reuse,
+                     report=report, devices_per_run=devices_per_run)
   record = check_workdir(workdir, kind, base_config, runs)
+  _make_workdir(workdir)
+  with workdir_lib.hold(workdir, f"a {kind} grid", wait_for=_is_short_hold):
+    write_json(os.path.join(workdir, GRID_FILE), record)
+    copied = reuse_runs(workdir, runs, reuse)
+    outcome = train_runs(kind, base_config, workdir, runs, after_run=after_run, copied=copied,
+                         devices_per_run=devices_per_run)
+    return outcome if report is None else report(outcome)
+
+
+def _make_workdir(workdir):
   try:
     os.makedirs(workdir, exist_ok=True)
   except OSError as error:
     raise GridError(f"cannot create the workdir {workdir} ({error.strerror or error}); choose "
                     f"a writable --workdir") from None
-  with workdir_lib.hold(workdir, f"a {kind} grid"):
-    return _run_held(kind, base_config, workdir, runs, record, after_run=after_run, reuse=reuse)
 
 
-def _run_held(kind, base_config, workdir, runs, record, *, after_run, reuse):
-  """run_grid's work, once the grid holds its workdir."""
-  write_json(os.path.join(workdir, GRID_FILE), record)
-  copied = reuse_runs(workdir, runs, reuse)
+# What a shard's short holds of the grid's workdir say they are: the other shards (and a plain
+# grid starting) wait for them; a plain grid's hold lasts the whole grid and is not waited for.
+SHORT_HOLD = "shard "
+
+
+def _is_short_hold(holder):
+  return bool(holder) and str(holder.get("what", "")).startswith(SHORT_HOLD)
+
+
+def run_shard(kind, base_config, workdir, runs, shard, *, after_run=None, reuse=(), report=None,
+              devices_per_run=0):
+  """One shard of a grid shared by several processes (hosts, a SLURM job array): trains runs
+  index, index + count, ... of `runs` (shard = (index, count)); the grid's workdir is held only
+  for moments (checking and recording the grid, copying `reuse` runs, writing the report).
+
+  Returns as `run_grid` when every run of the grid is finished after this shard's work (the
+  last shard to finish writes the report); else a line saying how far the grid is.
+  """
+  index, count = shard
+  name = f"{SHORT_HOLD}{index + 1} of {count} of a {kind} grid"
+  _make_workdir(workdir)
+  # While a plain grid holds the workdir for its whole run, a shard goes on beside it: that
+  # grid wrote grid.json and copies, and it writes the report; the run locks keep them apart.
+  with workdir_lib.reading(workdir, f"{name}, checking the grid",
+                           wait_for=_is_short_hold) as plain:
+    record = check_workdir(workdir, kind, base_config, runs)
+    copied = {}
+    if plain is None:
+      write_json(os.path.join(workdir, GRID_FILE), record)
+      copied = reuse_runs(workdir, runs, reuse)
+  share = runs[index::count]
+  _LOG.info("%s: runs %s of %d", name.split(" of a ")[0],
+            ", ".join(run.name for run in share) or "none", len(runs))
+  outcome = train_runs(kind, base_config, workdir, share, after_run=after_run, copied=copied,
+                       devices_per_run=devices_per_run)
+  with workdir_lib.reading(workdir, f"{name}, writing the results",
+                           wait_for=_is_short_hold) as plain:
+    for run in runs:
+      if run.name not in outcome:
+        run_dir = os.path.join(workdir, run.name)
+        outcome[run.name] = (_done(run, run_dir, after_run), "skipped", 0.0)
+    open_runs = [run.name for run in runs if outcome[run.name][0] is None]
+    where = os.path.join(workdir, "results.md")
+    if plain is not None:
+      return (f"{name}: done; the grid command holding {workdir} "
+              f"({workdir_lib.describe(plain)}) writes {where}")
+    if open_runs:
+      return (f"{name}: done; {len(runs) - len(open_runs)} of {len(runs)} runs of the grid "
+              f"are finished ({', '.join(open_runs)} not yet): the shard that finishes last "
+              f"writes {where} (or rerun the command without --shard_index/--num_shards)")
+    ordered = {run.name: outcome[run.name] for run in runs}
+    return ordered if report is None else report(ordered)
+
+
+def _pending(after_run, run, run_dir, results):
+  """Whether `after_run` has work left on a finished run (unknown: yes; it says when not)."""
+  if after_run is None:
+    return False
+  pending = getattr(after_run, "pending", None)
+  return True if pending is None else pending(run, run_dir, results)
+
+
+def _done(run, run_dir, after_run):
+  """The run's results when it is finished and its after_run work done, else None."""
+  results = finished(run_dir, run)
+  if results is None or _pending(after_run, run, run_dir, results):
+    return None
+  return results
+
+
+def _always(holder):
+  del holder
+  return True
+
+
+def claim(kind, run, run_dir, after_run=None, *, wait=False):
+  """Trains `run` in `run_dir` unless it is finished, then `after_run`, holding the run's
+  workdir; returns (results, {"status": "trained" | "finished", "extra": what after_run did}),
+  or (None, {"status": "busy", "holder": ...}) when another process holds it and not `wait`.
+
+  The finished-check is made again under the lock: a run finished by another process meanwhile
+  is not trained again (the trainer would only resume it and report it anew).
+  """
+  with workdir_lib.writing(run_dir):
+    os.makedirs(run_dir, exist_ok=True)
+  try:
+    with workdir_lib.hold(run_dir, f"run {run.name} of a {kind} grid",
+                          wait_for=_always if wait else None):
+      results = finished(run_dir, run)
+      trained = results is None
+      if trained:
+        _write_json_dir(run_dir, RUN_FILE, _run_record(run))
+        results = _train_named(run, run_dir)
+      extra = after_run(run, run_dir, results) if after_run is not None else ""
+  except workdir_lib.Busy as busy:
+    return None, {"status": "busy", "holder": workdir_lib.describe(busy.holder)}
+  return results, {"status": "trained" if trained else "finished", "extra": extra or ""}
+
+
+def train_runs(kind, base_config, workdir, runs, *, after_run=None, copied=None,
+               devices_per_run=0):
+  """Trains or waits for each of `runs` not finished, printing a line per run; returns {run
+  name: (results, "trained" | "skipped", seconds)}. Runs go one after another in this process,
+  or side by side in worker processes on disjoint groups of devices (`Placement`)."""
+  copied = copied or {}
   family = metric_family(base_config)
-  todo = [run for run in runs if finished(os.path.join(workdir, run.name), run) is None]
   seeds = len(base_config.train.seeds)
-  _LOG.info("%s: %d runs (%d to train, %d seeds each) in %s; each run's log: %s", kind,
-            len(runs), len(todo), seeds, workdir, os.path.join(workdir, "<run>", LOG_FILE))
   start = time.time()
-  # ETA: seconds per table row of the runs trained so far, times the rows still to train (a
-  # loss-weight sweep's one program trains all its values' rows).
-  outcome, per_row, left = {}, [], sum(len(run.rows) for run in todo)
-  for i, run in enumerate(runs, 1):
+  todo = collections.deque()
+  outcome, ready = {}, []
+  for run in runs:
     run_dir = os.path.join(workdir, run.name)
-    t0 = time.time()
     results = finished(run_dir, run)
-    trained = results is None
-    if trained:
-      _write_json_dir(run_dir, RUN_FILE, _run_record(run))
-      results = _train_named(run, run_dir)
-      left -= len(run.rows)
-    extra = after_run is not None and after_run(run, run_dir, results)
-    seconds = time.time() - t0
-    if trained:
-      per_row.append(seconds / len(run.rows))
-      status = f"trained in {reporting.format_duration(seconds)}"
+    if results is not None and not _pending(after_run, run, run_dir, results):
+      ready.append((run, results))
     else:
-      status = (f"copied from {copied[run.name]} (finished there)" if run.name in copied else
+      todo.append((run, False))
+  placement = Placement.choose(base_config, devices_per_run, len(todo)) if todo else None
+  _LOG.info("%s: %d runs (%d to train, %d seeds each) in %s; each run's log: %s%s", kind,
+            len(runs), len(todo), seeds, workdir, os.path.join(workdir, "<run>", LOG_FILE),
+            f"; {placement.describe()}" if placement is not None else "")
+  # ETA: seconds per table row of the runs trained so far, times the rows still to train (a
+  # loss-weight sweep's one program trains all its values' rows), over the runs side by side.
+  per_row = []
+  left = sum(len(run.rows) for run, _ in todo if finished(os.path.join(workdir, run.name), run)
+             is None)
+  side_by_side = 1 if placement is None else placement.slots
+
+  def record(run, results, info, seconds, where=""):
+    nonlocal left
+    trained = info["status"] == "trained"
+    extra = info.get("extra", "")
+    if trained:
+      left -= len(run.rows)
+      per_row.append(seconds / len(run.rows))
+      status = f"trained in {reporting.format_duration(seconds)}{where}"
+    else:
+      status = ("finished by another process meanwhile, skipped" if info.get("waited") else
+                f"copied from {copied[run.name]} (finished there)" if run.name in copied else
                 "finished earlier, skipped") + (
-          f" (then {extra} in {reporting.format_duration(seconds)})" if extra else "")
+          f" (then {extra} in {reporting.format_duration(seconds)}{where})" if extra else "")
     outcome[run.name] = (results, "trained" if trained else "skipped", seconds)
-    eta = np.mean(per_row) * left if per_row else (0.0 if not left else None)
+    eta = np.mean(per_row) * left / side_by_side if per_row else (0.0 if not left else None)
     what = (_headline(results, family, "test") if len(run.rows) == 1 else
             f"{len(run.rows)} values x {seeds} seeds in one program")
-    _LOG.info("[%d/%d] %s: %s%s | grid %s, ETA %s", i, len(runs), run.name, status,
+    _LOG.info("[%d/%d] %s: %s%s | grid %s, ETA %s", len(outcome), len(runs), run.name, status,
               f" | {what}" if what else "", reporting.format_duration(time.time() - start),
               reporting.format_duration(eta))
-  return outcome
+
+  def deferred(run, info):
+    _LOG.info("%s: held by %s; waited for after the other runs", run.name, info["holder"])
+    todo.append((run, True))
+
+  for run, results in ready:
+    record(run, results, {"status": "finished"}, 0.0)
+  if placement is None or placement.in_process:
+    while todo:
+      run, wait = todo.popleft()
+      t0 = time.time()
+      results, info = claim(kind, run, os.path.join(workdir, run.name), after_run, wait=wait)
+      if info["status"] == "busy":
+        deferred(run, info)
+        continue
+      info["waited"] = wait and info["status"] == "finished"
+      record(run, results, info, time.time() - t0)
+  else:
+    placement.run(kind, workdir, todo, after_run, record=record, deferred=deferred)
+  return {run.name: outcome[run.name] for run in runs if run.name in outcome}
+
+
+# ----------------------------------------------------------------------------- devices
+
+# Lists the devices of a fresh process (the grid's own process does not start JAX's backend for
+# this: on a GPU that would take memory on every device).
+_PROBE = ("import json, jax\n"
+          "devices = jax.local_devices()\n"
+          "print(json.dumps({'platform': devices[0].platform,\n"
+          "                  'version': str(getattr(devices[0].client, 'platform_version', '')),\n"
+          "                  'ids': [getattr(d, 'local_hardware_id', None) for d in devices]}))\n")
+
+
+def local_devices():
+  """{"platform": "cpu" | "gpu" | ..., "version": ..., "ids": [hardware id per device]} of this
+  machine, as a process started like this one sees them."""
+  xla_bridge = sys.modules.get("jax._src.xla_bridge")
+  if xla_bridge is not None and getattr(xla_bridge, "backends_are_initialized", lambda: False)():
+    import jax  # pylint: disable=g-import-not-at-top
+    devices = jax.local_devices()
+    return {"platform": devices[0].platform,
+            "version": str(getattr(devices[0].client, "platform_version", "")),
+            "ids": [getattr(d, "local_hardware_id", None) for d in devices]}
+  try:
+    proc = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True,
+                          timeout=600, check=False)
+  except (OSError, subprocess.TimeoutExpired) as error:
+    raise GridError(f"cannot list this machine's devices ({error}); pass "
+                    f"--devices_per_run=<all of them> to train in this process") from None
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode or not lines:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise GridError(f"cannot list this machine's devices: JAX said {last!r}")
+  return json.loads(lines[-1])
+
+
+def devices_per_run_of(base_config, devices_per_run):
+  """The devices a run gets for --devices_per_run (0: config.train.num_devices, or 1); raises
+  UsageError (one line) for a number no run of this config can use."""
+  if devices_per_run < 0:
+    raise UsageError(f"--devices_per_run={devices_per_run}: give a number of devices (0: "
+                     f"config.train.num_devices, or 1)")
+  wanted = int(base_config.train.num_devices)
+  per_run = devices_per_run or wanted or 1
+  if wanted and wanted != per_run:
+    raise UsageError(f"--devices_per_run={per_run} but config.train.num_devices={wanted}: a "
+                     f"run trains on the devices it gets; set one of them, or both alike")
+  for field in ("batch_size", "eval_batch_size"):
+    size = int(base_config.train[field])
+    if size % per_run:
+      raise UsageError(f"config.train.{field} = {size} is not divisible by the {per_run} "
+                       f"devices of a run (--devices_per_run); choose a multiple of {per_run}")
+  return per_run
+
+
+@dataclasses.dataclass
+class Placement:
+  """Where a grid's runs train: `groups` of `per_run` devices each (indices into the machine's
+  devices); one group of all of them is this process (`in_process`), several are worker
+  processes (`dhmd_jax.experiments.worker`), one run per group at a time, each process seeing
+  only its group's devices (CUDA_VISIBLE_DEVICES / ROCR_VISIBLE_DEVICES on GPUs, a CPU platform
+  of `per_run` devices on the CPU), so each run's mesh (`config.train.num_devices`) is its
+  group.
+  """
+  platform: str
+  per_run: int
+  groups: list
+  in_process: bool
+  devices: dict
+
+  @property
+  def slots(self):
+    return len(self.groups)
+
+  @classmethod
+  def choose(cls, base_config, devices_per_run, num_runs):
+    """The placement of `num_runs` runs for --devices_per_run (0: config.train.num_devices, or
+    1 device per run); raises UsageError (one line) for a placement this machine cannot give."""
+    per_run = devices_per_run_of(base_config, devices_per_run)
+    devices = local_devices()
+    total = len(devices["ids"])
+    if per_run > total:
+      raise UsageError(f"--devices_per_run={per_run}, but this machine has {total} "
+                       f"{devices['platform']} device(s); pass at most {total}")
+    count = min(total // per_run, max(num_runs, 1))
+    groups = [list(range(i * per_run, (i + 1) * per_run)) for i in range(count)]
+    in_process = per_run == total
+    if not in_process and devices["platform"] not in ("cpu", "gpu", "cuda", "rocm"):
+      raise UsageError(f"runs side by side on separate devices work on GPUs and CPUs, not on "
+                       f"{devices['platform']}; pass --devices_per_run={total} (each run on "
+                       f"all devices, one after another)")
+    return cls(platform=devices["platform"], per_run=per_run, groups=groups,
+               in_process=in_process, devices=devices)
+
+  def describe(self):
+    if self.in_process:
+      return f"one run at a time on all {self.per_run} {self.platform} device(s)"
+    return (f"{self.slots} run(s) side by side, each on {self.per_run} {self.platform} "
+            f"device(s) in its own process")
+
+  def environment(self, group):
+    """The worker's environment: only `group`'s devices visible."""
+    env = dict(os.environ)
+    if self.platform == "cpu":
+      flags_text = re.sub(r"--xla_force_host_platform_device_count=\S*", "",
+                          env.get("XLA_FLAGS", ""))
+      env["XLA_FLAGS"] = (flags_text + f" --xla_force_host_platform_device_count="
+                                       f"{len(group)}").strip()
+      env["JAX_NUM_CPU_DEVICES"] = str(len(group))
+      return env
+    rocm = "rocm" in self.devices["version"].lower() or self.platform == "rocm"
+    name = "ROCR_VISIBLE_DEVICES" if rocm else "CUDA_VISIBLE_DEVICES"
+    visible = [v.strip() for v in os.environ.get(name, "").split(",") if v.strip()]
+    ids = self.devices["ids"]
+    physical = [ids[i] if ids[i] is not None else i for i in group]
+    env[name] = ",".join(visible[p] if p < len(visible) else str(p) for p in physical)
+    env.pop("JAX_CUDA_VISIBLE_DEVICES", None)  # JAX's own filter: the variable above is it now
+    return env
+
+  def run(self, kind, workdir, todo, after_run, *, record, deferred):
+    """Trains the runs of `todo` ((run, wait) pairs, more may be added by `deferred`) in worker
+    processes, at most one per group at a time. Ctrl-C stops them all at a safe point (a second
+    one at once); a failed run starts no new ones, the running ones finish, then it is raised."""
+    from dhmd_jax import train as train_lib  # pylint: disable=g-import-not-at-top
+    done = queue.Queue()
+    free = list(self.groups)
+    running = {}  # pid -> Popen
+    stop = {"interrupts": 0, "error": None}
+
+    def interrupt(signum, frame):
+      del signum, frame
+      stop["interrupts"] += 1
+      for proc in list(running.values()):
+        with contextlib.suppress(OSError):
+          proc.send_signal(signal.SIGINT)  # the trainer stops at a safe point; twice: at once
+
+    def launch(run, wait, group):
+      run_dir = os.path.abspath(os.path.join(workdir, run.name))
+      with workdir_lib.writing(run_dir):
+        os.makedirs(run_dir, exist_ok=True)
+        log = open(os.path.join(run_dir, LOG_FILE), "ab")  # pylint: disable=consider-using-with
+      # A model plugged in by replacing train.build (tests' fake model) is used there too.
+      build = train_lib.build
+      job = {"kind": kind, "run": run, "run_dir": run_dir, "after_run": after_run, "wait": wait,
+             "build": None if getattr(build, "__module__", "") == train_lib.__name__ else build}
+      try:
+        payload = pickle.dumps({"sys_path": [os.path.abspath(p) for p in sys.path],
+                                "job": pickle.dumps(job)})
+      except (pickle.PicklingError, AttributeError, TypeError) as error:
+        raise GridError(f"run {run.name} cannot be handed to a worker process ({error}); "
+                        f"pass --devices_per_run={len(self.devices['ids'])} to train in this "
+                        f"process") from None
+      # Its own session: a Ctrl-C at the terminal reaches the grid, which passes it on once.
+      proc = subprocess.Popen(  # pylint: disable=consider-using-with
+          [sys.executable, "-m", "dhmd_jax.experiments.worker"], stdin=subprocess.PIPE,
+          stdout=subprocess.PIPE, stderr=log, env=self.environment(group),
+          start_new_session=True)
+      log.close()
+      running[proc.pid] = proc
+      t0 = time.time()
+
+      def wait_for_it():
+        out, _ = proc.communicate(payload)
+        done.put((run, wait, group, proc, out, time.time() - t0))
+      threading.Thread(target=wait_for_it, daemon=True).start()
+
+    on_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, interrupt) if on_main else None
+    try:
+      while todo or running:
+        while todo and free and not stop["interrupts"] and stop["error"] is None:
+          run, wait = todo.popleft()
+          launch(run, wait, free.pop(0))
+        if not running:
+          break
+        try:
+          run, wait, group, proc, out, seconds = done.get(timeout=1.0)
+        except queue.Empty:
+          continue
+        running.pop(proc.pid, None)
+        free.append(group)
+        free.sort()
+        log = os.path.join(workdir, run.name, LOG_FILE)
+        lines = out.decode("utf-8", "replace").strip().splitlines()
+        info = json.loads(lines[-1]) if lines else {
+            "status": "failed", "error": f"its process ended with status {proc.returncode} "
+                                         f"without a word"}
+        if info["status"] == "busy":
+          deferred(run, info)
+        elif info["status"] in ("trained", "finished"):
+          results = finished(os.path.join(workdir, run.name), run)
+          if results is None:
+            info = {"status": "failed", "error": "its process ended without its results.json"}
+          else:
+            info["waited"] = wait and info["status"] == "finished"
+            where = f" on {self.platform} device(s) {','.join(map(str, group))}"
+            record(run, results, info, seconds, where)
+        if info["status"] == "interrupted":
+          stop["interrupts"] = max(stop["interrupts"], 1)
+        elif info["status"] == "failed" and stop["error"] is None:
+          stop["error"] = (info["error"] if info["error"].startswith(f"run {run.name}: ") else
+                           f"run {run.name}: {info['error']} (its log: {log})")
+          if running:
+            _LOG.info("%s; no new run starts, the %d running one(s) finish", stop["error"],
+                      len(running))
+    finally:
+      if on_main:
+        signal.signal(signal.SIGINT, previous)
+    if stop["interrupts"]:
+      raise KeyboardInterrupt
+    if stop["error"] is not None:
+      raise GridError(stop["error"])
 
 
 def _write_json_dir(folder, name, data):
@@ -500,7 +878,68 @@ def flag_values():
   flags.DEFINE_string("reuse", "", "Comma list of other grids' workdirs: a run this grid plans "
                       "alike that finished there is copied instead of trained again.",
                       flag_values=values)
+  flags.DEFINE_integer("devices_per_run", 0, "Devices each run gets: runs train side by side, "
+                       "each in its own process on its own group of that many devices (0: "
+                       "config.train.num_devices, or 1; all of them: one run at a time in this "
+                       "process).", flag_values=values)
+  flags.DEFINE_integer("shard_index", None, "This process trains only runs shard_index, "
+                       "shard_index + num_shards, ... of the grid (default: "
+                       "SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN in a SLURM job array); the "
+                       "last shard to finish writes the results.", flag_values=values)
+  flags.DEFINE_integer("num_shards", None, "How many processes share the grid's workdir "
+                       "(default: SLURM_ARRAY_TASK_COUNT in a SLURM job array).",
+                       flag_values=values)
   return values
+
+
+def shard_of(args, environ=None):
+  """(index, count) of --shard_index/--num_shards, else of a SLURM job array's variables
+  (`SLURM_ARRAY_TASK_ID` from `SLURM_ARRAY_TASK_MIN` in steps of `SLURM_ARRAY_TASK_STEP`, of
+  `SLURM_ARRAY_TASK_COUNT`), else None; a value no shard can have is a UsageError (one line)."""
+  environ = os.environ if environ is None else environ
+  index, count = args.shard_index, args.num_shards
+  if index is None and count is None:
+    if "SLURM_ARRAY_TASK_ID" not in environ:
+      return None
+    if "SLURM_ARRAY_TASK_COUNT" not in environ:
+      raise UsageError("SLURM_ARRAY_TASK_ID is set but SLURM_ARRAY_TASK_COUNT is not; pass "
+                       "--shard_index=I --num_shards=N")
+    values = {}
+    for name, default in (("SLURM_ARRAY_TASK_ID", None), ("SLURM_ARRAY_TASK_COUNT", None),
+                          ("SLURM_ARRAY_TASK_MIN", "0"), ("SLURM_ARRAY_TASK_STEP", "1")):
+      text = environ.get(name, default)
+      try:
+        values[name] = int(text)
+      except ValueError:
+        raise UsageError(f"{name}={text!r} is not an integer; pass --shard_index=I "
+                         f"--num_shards=N") from None
+    offset = values["SLURM_ARRAY_TASK_ID"] - values["SLURM_ARRAY_TASK_MIN"]
+    step = max(values["SLURM_ARRAY_TASK_STEP"], 1)
+    index, count = offset // step, values["SLURM_ARRAY_TASK_COUNT"]
+    if offset % step or not 0 <= index < count:
+      raise UsageError(
+          f"SLURM_ARRAY_TASK_ID={values['SLURM_ARRAY_TASK_ID']} is not one of "
+          f"{count} evenly spaced ids from SLURM_ARRAY_TASK_MIN="
+          f"{values['SLURM_ARRAY_TASK_MIN']}: submit the array as --array=0-{count - 1}, or "
+          f"pass --shard_index=I --num_shards=N")
+    return index, count
+  if index is None or count is None:
+    given, missing = ("shard_index", "num_shards") if count is None else ("num_shards",
+                                                                          "shard_index")
+    raise UsageError(f"--{given} needs --{missing} too (--shard_index=I --num_shards=N, "
+                     f"I from 0 to N-1)")
+  if count < 1:
+    raise UsageError(f"--num_shards={count}: there must be at least one shard")
+  if not 0 <= index < count:
+    raise UsageError(f"--shard_index={index} is not between 0 and {count - 1} "
+                     f"(--num_shards={count}); shards are numbered from 0")
+  return index, count
+
+
+def placement_options(args):
+  """run_grid's devices_per_run and shard from the command line (checked: UsageError)."""
+  devices_per_run_of(args.config, args.devices_per_run)
+  return {"devices_per_run": args.devices_per_run, "shard": shard_of(args)}
 
 
 def run_command(kind, summary, values, make_report, argv=None):
@@ -508,7 +947,8 @@ def run_command(kind, summary, values, make_report, argv=None):
   report's Markdown) and returns the exit status; every failure is one line."""
   command = cli.Command(
       prog=f"python -m dhmd_jax.experiments.{kind}", summary=summary,
-      placeholders={"workdir": "DIR", "metrics": "LIST", "reuse": "DIRS"},
+      placeholders={"workdir": "DIR", "metrics": "LIST", "reuse": "DIRS", "devices_per_run": "K",
+                    "shard_index": "I", "num_shards": "N"},
       common_fields=COMMON_FIELDS, interrupted="interrupted; rerun the same command to resume",
       failures=(GridError,))
   return cli.run(command, lambda _: print(make_report(), flush=True), argv, flag_values=values)
@@ -583,9 +1023,11 @@ def _variant_report(kind, args, *, default_variants, title):
   for run in runs:
     validate(run.config, f"variant {run.name}")
   workdir = args.workdir or os.path.join("runs", kind)
+  options = placement_options(args)
   start = time.time()
-  outcome = run_grid(kind, base, workdir, runs, reuse=reuse_dirs(args))
   tables = [Table(title=title, rows=variants, reference=args.reference, metrics=metrics)]
-  return write_report(workdir, kind=kind, base_config=base, runs=runs, tables=tables,
+  return run_grid(kind, base, workdir, runs, reuse=reuse_dirs(args), **options,
+                  report=lambda outcome: write_report(
+                      workdir, kind=kind, base_config=base, runs=runs, tables=tables,
                       outcome=outcome, per_seed=collect(runs, outcome, args.split),
-                      split=args.split, legend=legend(variants), start_time=start)
+                      split=args.split, legend=legend(variants), start_time=start))

@@ -166,12 +166,14 @@ def _report(args):
   for run in runs:
     grid.validate(run.config, f"sweep run {run.name}")
   workdir = args.workdir or os.path.join("runs", "sweep")
+  options = grid.placement_options(args)
   start = time.time()
-  outcome = grid.run_grid("sweep", base, workdir, runs, reuse=grid.reuse_dirs(args))
-  return grid.write_report(workdir, kind="sweep", base_config=base, runs=runs, tables=tables,
+  return grid.run_grid("sweep", base, workdir, runs, reuse=grid.reuse_dirs(args), **options,
+                       report=lambda outcome: grid.write_report(
+                           workdir, kind="sweep", base_config=base, runs=runs, tables=tables,
                            outcome=outcome, per_seed=grid.collect(runs, outcome, args.split),
                            split=args.split, start_time=start,
-                           extra={"values": values, "separate": args.separate})
+                           extra={"values": values, "separate": args.separate}))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ The head metrics of a run are kept in `<workdir>/<variant>/heads_<split>.json`.
 """
 
 import contextlib
+import dataclasses
 import os
 import sys
 import time
@@ -98,20 +99,31 @@ def heads_file(workdir, split):
   return os.path.join(workdir, f"heads_{split}.json")
 
 
-def make_after_run(split):
-  """The grid's hook: head metrics of a run, computed once per training of it."""
-  def after_run(run, workdir, results):
-    path = heads_file(workdir, split)
-    stored = grid.read_json(path)
-    if stored is not None and stored.get("signature") == _signature(results):
+@dataclasses.dataclass(frozen=True)
+class HeadMetrics:
+  """The grid's after-run work: head metrics of a run, computed once per training of it (a
+  module-level class, so a grid's worker process can be handed it)."""
+  split: str
+
+  def pending(self, run, workdir, results):
+    del run
+    stored = grid.read_json(heads_file(workdir, self.split))
+    return stored is None or stored.get("signature") != _signature(results)
+
+  def __call__(self, run, workdir, results):
+    if not self.pending(run, workdir, results):
       return ""
     with open(os.path.join(workdir, grid.LOG_FILE), "a") as log:
       with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        heads = head_metrics(run.config, workdir, split)
-    grid.write_json(path, {"signature": _signature(results), "split": split,
-                            "heads": heads})
+        heads = head_metrics(run.config, workdir, self.split)
+    grid.write_json(heads_file(workdir, self.split),
+                    {"signature": _signature(results), "split": self.split, "heads": heads})
     return "head metrics"
-  return after_run
+
+
+def make_after_run(split):
+  """The grid's hook: head metrics of a run, computed once per training of it."""
+  return HeadMetrics(split)
 
 
 def per_seed_heads(runs, workdir, split, metrics, num_seeds):
@@ -169,20 +181,24 @@ def _report(args):
   for run in runs:
     grid.validate(run.config, f"variant {run.name}")
   workdir = args.workdir or os.path.join("runs", "table7")
+  options = grid.placement_options(args)
   start = time.time()
-  outcome = grid.run_grid("table7", base, workdir, runs, after_run=make_after_run(args.split),
-                          reuse=grid.reuse_dirs(args))
-  per_seed = per_seed_heads(runs, workdir, args.split, metrics, len(base.train.seeds))
   tables = tables_for(variants, args.reference, metrics)
   note = ("Table 7's \"w/o FD\" column is the `ca` row, \"w/ FD\" the `fd_ca` row; Figs. 4-6 "
           "compare `fd_ca` (w/ FD), `no_dm` (w/ FD, GD) and `full` (w/ FD, GD, DM). mean and "
           "std are over the three modalities of each seed (std: the gap between modalities, "
           "lower is better), then mean ± std over seeds.")
   lower = [k for t in tables for k in t.metrics if " std " in k]
-  return grid.write_report(workdir, kind="table7", base_config=base, runs=runs, tables=tables,
-                           outcome=outcome, per_seed=per_seed, split=args.split,
-                           legend=grid.legend(variants) + "\n\n" + note, lower_is_better=lower,
-                           start_time=start)
+
+  def report(outcome):
+    per_seed = per_seed_heads(runs, workdir, args.split, metrics, len(base.train.seeds))
+    return grid.write_report(workdir, kind="table7", base_config=base, runs=runs, tables=tables,
+                             outcome=outcome, per_seed=per_seed, split=args.split,
+                             legend=grid.legend(variants) + "\n\n" + note,
+                             lower_is_better=lower, start_time=start)
+
+  return grid.run_grid("table7", base, workdir, runs, after_run=make_after_run(args.split),
+                       reuse=grid.reuse_dirs(args), report=report, **options)
 
 
 if __name__ == "__main__":
