@@ -1,7 +1,9 @@
 """Test session set-up, before JAX is imported (child processes inherit it):
 
-- one persistent XLA compilation cache for the session, so a program compiled by one test (or
-  child process) is not compiled again by the next;
+- one persistent XLA compilation cache for the session, shared by the xdist workers and every
+  child process (they inherit the environment), so a program compiled by one test (or child
+  process) is not compiled again by the next; every program goes into it, however fast it
+  compiled (the many small ones of the FakeModel's children add up);
 - XLA's backend optimisation level 0 and the CPU backend's older (non-"fusion emitter") code
   generator: on a 2-core CI machine compiling the model dominates the suite, and both settings
   cut the compile time of the tiny model substantially. The programs compute the same functions,
@@ -13,7 +15,7 @@ import tempfile
 
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       tempfile.mkdtemp(prefix="dhmd_jax_test_xla_cache_"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitters=false"):
   if flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + flag).strip()

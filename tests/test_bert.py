@@ -440,10 +440,13 @@ def training(tmp_path_factory):
   rng = np.random.default_rng(0)
   orders = [rng.permutation(num_train) for _ in range(4)]
   state, losses = state0, []
+  # Batches are cut on the host: 96 steps of eager gathers on the device would each dispatch
+  # (and first compile) a small program per array.
+  host = jax.tree.map(np.asarray, train)
   for epoch, order in enumerate(orders):
     for i in range(num_train // batch_size):
       rows = order[i * batch_size:(i + 1) * batch_size]
-      batch = jax.tree.map(lambda a: a[rows][None], train)  # (U=1, B, ...)
+      batch = jax.tree.map(lambda a: a[rows][None], host)  # (U=1, B, ...)
       state, metrics = step(state, batch, jax.random.key(1000 * epoch + i))
       if epoch == 0 and i == 0:
         state1 = state  # after one step (the step does not donate its input)

@@ -157,17 +157,41 @@ def _paths(tree):
 # ---------------------------------------------------------------- running both sides
 
 
-def run_model(config, params, arrays):
-  """Our forward (deterministic, jitted: compiling is faster than running op by op) and, from a
-  second run that captures every module's output, the intermediates (the transformer stacks'
-  sequences, proj_cosine's output)."""
+def run_model(config, params, arrays, *, with_grads=False):
+  """Our forward (deterministic, jitted: compiling is faster than running op by op) with every
+  module's output captured (the transformer stacks' sequences, proj_cosine's output) and, with
+  `with_grads`, d(combined loss)/d(every parameter) from the same program (one compilation
+  serves the outputs and the gradient tests: compiling is most of this file's time).
+
+  Returns (outputs, intermediates, gradients or None)."""
   model = build_model(config, num_outputs=1)
   batch = {m: jnp.asarray(arrays[f"batch/{m}"]) for m in ("text", "vision", "audio")}
-  out = jax.jit(lambda p: model.apply({"params": p}, batch, deterministic=True))(params)
-  _, state = jax.jit(lambda p: model.apply({"params": p}, batch, deterministic=True,
-                                           capture_intermediates=True,
-                                           mutable=["intermediates"]))(params)
-  return out, state["intermediates"]
+  labels = jnp.asarray(arrays["batch/label"])
+
+  def forward(p):
+    out, state = model.apply({"params": p}, batch, deterministic=True,
+                             capture_intermediates=True, mutable=["intermediates"])
+    return objective.compute_objective(config, out, labels)[0], (out, state["intermediates"])
+
+  if with_grads:
+    grads, (out, inter) = jax.jit(jax.grad(forward, has_aux=True))(params)
+    return out, inter, grads
+  _, (out, inter) = jax.jit(forward)(params)
+  return out, inter, None
+
+
+_RUNS = {}
+
+
+def model_run(meta, arrays, compute):
+  """`run_model` once per fixture and compute mode for the whole file (the gradient with the
+  "vmap" run): (config, outputs, intermediates, gradients or None)."""
+  key = (meta["config"], compute)
+  if key not in _RUNS:
+    config = dmd_config(meta, compute)
+    params, _ = reference_params(arrays, meta)
+    _RUNS[key] = (config, *run_model(config, params, arrays, with_grads=compute == "vmap"))
+  return _RUNS[key]
 
 
 class Reads(dict):
@@ -316,9 +340,7 @@ def test_every_reference_parameter_has_its_place(fixture):
 @pytest.mark.parametrize("compute", COMPUTES)
 def test_outputs_and_losses_match_the_dmd_code(fixture, compute):
   meta, arrays = fixture
-  config = dmd_config(meta, compute)
-  params, _ = reference_params(arrays, meta)
-  out, inter = run_model(config, params, arrays)
+  config, out, inter, _ = model_run(meta, arrays, compute)
   compare, reads = Comparison(), Reads(arrays)
   compare_outputs(compare, out, inter, reads)
   compare_losses(compare, config, out, reads)
@@ -333,19 +355,9 @@ def test_gradients_match_the_dmd_code(fixture):
   biases, which the softmaxes cancel; proj_cosine, which no loss uses) it has rounding noise
   (below 1e-8 here) and ours is exactly 0."""
   meta, arrays = fixture
-  config = dmd_config(meta, "vmap")
-  model = build_model(config, num_outputs=1)
-  params, _ = reference_params(arrays, meta)
+  _, _, _, grads = model_run(meta, arrays, "vmap")
   expected, unused = reference_params(arrays, meta, kind="grad")
   assert not unused
-  batch = {m: jnp.asarray(arrays[f"batch/{m}"]) for m in ("text", "vision", "audio")}
-  labels = jnp.asarray(arrays["batch/label"])
-
-  def total(p):
-    out = model.apply({"params": p}, batch, deterministic=True)
-    return objective.compute_objective(config, out, labels)[0]
-
-  grads = jax.jit(jax.grad(total))(params)
   compare = Comparison()
   ours, theirs = _paths_values(grads), _paths_values(expected)
   for path in sorted(theirs):

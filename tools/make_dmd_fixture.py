@@ -10,21 +10,14 @@ parameters, the batch, every forward output (in the reference's own layouts), th
 sequence of each of the twelve transformers, the GD edge scores and weights, every loss term and
 the gradient of the combined loss with respect to every parameter. Two configurations: "aligned"
 (equal input lengths; the Conv1d kernels 3/2/1 still give T' = 8/9/10) and "unaligned" (unequal
-lengths T' = 8/10/17 per modality); both have zero-padded frames. Only this script needs torch
-(and scikit-learn and tqdm, which the reference's package imports); `tests/test_dmd_reference.py`
+lengths T' = 8/10/17 per modality); both have zero-padded frames. It needs torch (and
+scikit-learn and tqdm, which the reference's package imports); `tests/test_dmd_reference.py`
 reads the files with NumPy and compares the JAX model to them. Regenerate with
 
   python tools/make_dmd_fixture.py --dmd=PATH/TO/DMD-checkout --out=tests/fixtures/
 
-What is changed in the reference to run it here, at run time only (nothing on disk):
-  * `torch.Tensor.cuda` returns the tensor itself (the reference hard-codes `.cuda()` in the
-    GD-Units' priors and in its loss targets; this runs on the CPU).
-  * `transformers` is replaced by an empty stand-in (the reference's package imports it for its
-    BERT text encoder, which `use_bert=False` never builds) and `pynvml` by one when absent (used
-    only to pick a GPU).
-  * The orthogonality loss passes (T', B, d) tensors to `CosineEmbeddingLoss`, which PyTorch
-    >= 1.10 rejects; it is computed with the kernel of PyTorch 1.9, the version DMD declares
-    (`torch19_cosine_embedding_loss`).
+What is changed in the reference to run it here, at run time only (nothing on disk): the
+stand-ins that `tools/dmd_reference.py` lists (shared with `tools/compare_with_dmd.py`), and
   * The flatten-Linears' sequence lengths, which the reference hard-codes per dataset name
     (50/50/50, 50/500/375, ...), are the tiny ones here (`_TinyDMD`).
   * Every bias and LayerNorm parameter is redrawn at random (the reference initialises them to
@@ -33,15 +26,16 @@ What is changed in the reference to run it here, at run time only (nothing on di
 """
 
 import argparse
-import hashlib
 import json
 import pathlib
 import platform
 import sys
-import types
-import warnings
 
 import numpy as np
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+import dmd_reference  # noqa: E402  pylint: disable=wrong-import-position
+from dmd_reference import Args  # noqa: E402  pylint: disable=wrong-import-position
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -69,14 +63,6 @@ CONFIGS = {
 TRANSFORMERS = ("self_attentions_c_l", "self_attentions_c_v", "self_attentions_c_a",
                 "trans_l_with_a", "trans_l_with_v", "trans_a_with_l", "trans_a_with_v",
                 "trans_v_with_l", "trans_v_with_a", "trans_l_mem", "trans_a_mem", "trans_v_mem")
-REF_FILES = ("trains/singleTask/DMD.py", "trains/singleTask/model/dmd.py",
-             "trains/singleTask/HingeLoss.py", "trains/singleTask/misc.py",
-             "trains/singleTask/distillnets/get_distillation_kernel.py",
-             "trains/singleTask/distillnets/get_distillation_kernel_homo.py",
-             "trains/singleTask/utils/misc.py",
-             "trains/subNets/transformers_encoder/transformer.py",
-             "trains/subNets/transformers_encoder/multihead_attention.py",
-             "trains/subNets/transformers_encoder/position_embedding.py", "run.py")
 
 
 def parse_args(argv=None):
@@ -86,75 +72,9 @@ def parse_args(argv=None):
                  help="folder for dmd_reference_<config>.npz (default: tests/fixtures/)")
   p.add_argument("--configs", default=",".join(CONFIGS),
                  help=f"comma-separated subset of {', '.join(CONFIGS)}")
+  p.add_argument("--seed", type=int, default=0,
+                 help="weights and batch (0, the default, makes the committed fixtures)")
   return p.parse_args(argv)
-
-
-def fingerprint(ref_dir):
-  """sha256 over the reference files this script runs (which version made the fixture)."""
-  h = hashlib.sha256()
-  for name in REF_FILES:
-    h.update(name.encode() + b"\0" + (ref_dir / name).read_bytes())
-  return h.hexdigest()
-
-
-def import_reference(ref_dir):
-  """The reference's modules, with the run-time stand-ins of the module docstring."""
-  import torch  # pylint: disable=import-outside-toplevel
-
-  missing = [n for n in REF_FILES if not (ref_dir / n).is_file()]
-  if missing:
-    sys.exit(f"make_dmd_fixture.py: {ref_dir} is not a DMD checkout (no {missing[0]}); pass "
-             f"--dmd=<folder with trains/ and run.py>")
-  torch.Tensor.cuda = lambda self, *args, **kwargs: self
-  # position_embedding.make_positions grows its cached arange with `out=`; newer torch warns.
-  warnings.filterwarnings("ignore", message="The number of elements in the out tensor")
-  stand_in = types.ModuleType("transformers")
-  for name in ("BertModel", "BertTokenizer", "RobertaModel", "RobertaTokenizer"):
-    setattr(stand_in, name, None)
-  sys.modules["transformers"] = stand_in
-  try:
-    import pynvml  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
-  except ImportError:
-    sys.modules["pynvml"] = types.ModuleType("pynvml")
-  sys.path.insert(0, str(ref_dir))
-  import importlib  # pylint: disable=import-outside-toplevel
-  names = {"dmd": "trains.singleTask.model.dmd", "trainer": "trains.singleTask.DMD",
-           "misc": "trains.singleTask.misc",
-           "gd_homo": "trains.singleTask.distillnets.get_distillation_kernel_homo",
-           "gd_hetero": "trains.singleTask.distillnets.get_distillation_kernel"}
-  return types.SimpleNamespace(**{k: importlib.import_module(v) for k, v in names.items()})
-
-
-def torch19_cosine_embedding_loss(input1, input2, target, margin=0.0):
-  """`cosine_embedding_loss` of PyTorch 1.9 (reduction "mean"), op for op as its ATen kernel:
-  it reduces over dim `target.dim()`, which for the reference's 1-element target and (T', B, d)
-  tensors is the batch axis, and averages over what is left."""
-  import torch  # pylint: disable=import-outside-toplevel
-  eps = 1e-12
-  dim = target.dim()
-  prod_sum = (input1 * input2).sum(dim)
-  mag_square1 = (input1 * input1).sum(dim) + eps
-  mag_square2 = (input2 * input2).sum(dim) + eps
-  cos = prod_sum / (mag_square1 * mag_square2).sqrt()
-  zeros = torch.zeros_like(cos)
-  pos = 1 - cos
-  neg = (cos - margin).clamp_min(0)
-  output_pos = torch.where(target == 1, pos, zeros)
-  output_neg = torch.where(target == -1, neg, zeros)
-  return (output_pos + output_neg).mean()
-
-
-class Args(dict):
-  """EasyDict stand-in: the reference reads its config as attributes."""
-
-  def __getattr__(self, key):
-    try:
-      return self[key]
-    except KeyError as e:
-      raise AttributeError(key) from e
-
-  def __setattr__(self, key, value):
-    self[key] = value
 
 
 def make_args(aligned):
@@ -176,16 +96,8 @@ def build_models(ref, args, lengths):
     # lengths); for any other name these class attributes are what it reads.
     len_l, len_v, len_a = lengths["text"], lengths["vision"], lengths["audio"]
 
-  softmax = ref.misc.softmax
-  common = dict(n_classes=1, to_idx=[0, 1, 2], from_idx=[0, 1, 2], gd_reg=10,
-                w_losses=[1, 10], metric="l1", alpha=1 / 8, hyp_params=args)
-  homo = ref.gd_homo.DistillationKernel(
-      hidden_size=D_MODEL, gd_size=GD_SIZE_HOMO, gd_prior=softmax([0, 0, 1, 0, 1, 0], 0.25),
-      **common)
-  hetero = ref.gd_hetero.DistillationKernel(
-      hidden_size=2 * D_MODEL, gd_size=GD_SIZE_HETERO,
-      gd_prior=softmax([0, 0, 1, 0, 1, 1], 0.25), **common)
-  return [_TinyDMD(args), homo, hetero]
+  return dmd_reference.build_models(ref, args, model_class=_TinyDMD,
+                                    gd_sizes={"homo": GD_SIZE_HOMO, "hetero": GD_SIZE_HETERO})
 
 
 def randomise_biases_and_norms(models, generator):
@@ -210,71 +122,6 @@ def make_batch(spec, rng):
   return batch
 
 
-def run_training_step(models, trainer, batch):
-  """The body of `DMD.do_train`'s batch loop on one batch (eval mode), up to `backward()`.
-
-  Returns (output dict, {loss name: scalar tensor}, GD tensors); the statements and their order
-  are the reference's.
-  """
-  import torch  # pylint: disable=import-outside-toplevel
-  model = models
-  vision = torch.from_numpy(batch["vision"])
-  audio = torch.from_numpy(batch["audio"])
-  text = torch.from_numpy(batch["text"])
-  labels = torch.from_numpy(batch["label"]).view(-1, 1)
-
-  output = model[0](text, audio, vision, is_distill=True)
-  logits_homo = torch.stack([output[f"logits_{m}_homo"] for m in "lva"])
-  reprs_homo = torch.stack([output[f"repr_{m}_homo"] for m in "lva"])
-  logits_hetero = torch.stack([output[f"logits_{m}_hetero"] for m in "lva"])
-  reprs_hetero = torch.stack([output[f"repr_{m}_hetero"] for m in "lva"])
-  edges_homo, edges_origin_homo = model[1](logits_homo, reprs_homo)
-  edges_hetero, edges_origin_hetero = model[2](logits_hetero, reprs_hetero)
-
-  loss = {}
-  for name, key in (("task_all", "output_logit"), ("task_l_homo", "logits_l_homo"),
-                    ("task_v_homo", "logits_v_homo"), ("task_a_homo", "logits_a_homo"),
-                    ("task_l_hetero", "logits_l_hetero"), ("task_v_hetero", "logits_v_hetero"),
-                    ("task_a_hetero", "logits_a_hetero"), ("task_c", "logits_c")):
-    loss[name] = trainer.criterion(output[key], labels)
-  loss["task"] = (loss["task_all"] + loss["task_l_homo"] + loss["task_v_homo"]
-                  + loss["task_a_homo"] + loss["task_l_hetero"] + loss["task_v_hetero"]
-                  + loss["task_a_hetero"] + loss["task_c"])
-  for m in "lva":
-    loss[f"recon_{m}"] = trainer.MSE(output[f"recon_{m}"], output[f"origin_{m}"])
-  loss["recon"] = loss["recon_l"] + loss["recon_v"] + loss["recon_a"]
-  for m in "lva":
-    loss[f"s_sr_{m}"] = trainer.MSE(output[f"s_{m}"].permute(1, 2, 0), output[f"s_{m}_r"])
-  loss["s_sr"] = loss["s_sr_l"] + loss["s_sr_v"] + loss["s_sr_a"]
-  for m in "lva":
-    loss[f"ort_{m}"] = trainer.cosine(output[f"s_{m}"], output[f"c_{m}"],
-                                      torch.tensor([-1]).cuda()).mean(0)
-  loss["ort"] = loss["ort_l"] + loss["ort_v"] + loss["ort_a"]
-
-  c_l, c_v, c_a = output["c_l_sim"], output["c_v_sim"], output["c_a_sim"]
-  ids, feats = [], []
-  for i in range(labels.size(0)):
-    feats.append(c_l[i].view(1, -1))
-    feats.append(c_v[i].view(1, -1))
-    feats.append(c_a[i].view(1, -1))
-    ids.append(labels[i].view(1, -1))
-    ids.append(labels[i].view(1, -1))
-    ids.append(labels[i].view(1, -1))
-  loss["sim"] = trainer.sim_loss(torch.cat(ids, dim=0), torch.cat(feats, dim=0))
-
-  loss["reg_homo"], loss["logit_homo"], loss["repr_homo"] = \
-      model[1].distillation_loss(logits_homo, reprs_homo, edges_homo)
-  loss["gd_homo"] = 0.05 * (loss["logit_homo"] + loss["reg_homo"])  # repr_homo: not added
-  loss["reg_hetero"], loss["logit_hetero"], loss["repr_hetero"] = \
-      model[2].distillation_loss(logits_hetero, reprs_hetero, edges_hetero)
-  loss["gd_hetero"] = 0.05 * (loss["logit_hetero"] + loss["repr_hetero"] + loss["reg_hetero"])
-  loss["combined"] = loss["task"] + loss["gd_homo"] + loss["gd_hetero"] + \
-      (loss["s_sr"] + loss["recon"] + (loss["sim"] + loss["ort"]) * 0.1) * 0.1
-  gd = {"homo_edges": edges_homo, "homo_edges_origin": edges_origin_homo,
-        "hetero_edges": edges_hetero, "hetero_edges_origin": edges_origin_hetero}
-  return output, loss, gd
-
-
 def margin_stats(labels, feats):
   """(triplets, active) of the margin loss, to show the fixture's margin loss is non-trivial."""
   y = np.repeat(labels, 3)
@@ -287,17 +134,19 @@ def margin_stats(labels, feats):
   return int(mask.sum()), int((mask & (hinge > 0)).sum())
 
 
-def make_fixture(ref, ref_dir, name, spec):
+def make_fixture(ref, ref_dir, name, spec, seed=0):
+  """(arrays, meta) of one configuration. Seed 0 makes the committed fixtures; another seed
+  other weights and another batch (`compare_with_dmd.py` checks parity with those)."""
   import torch  # pylint: disable=import-outside-toplevel
-  torch.manual_seed(0)
-  generator = torch.Generator().manual_seed(1)
+  torch.manual_seed(seed)
+  generator = torch.Generator().manual_seed(seed + 1)
   args = make_args(aligned=name == "aligned")
   models = build_models(ref, args, spec["lengths"])
   randomise_biases_and_norms(models, generator)
   for model in models:
     model.eval()  # no dropout
   trainer = ref.trainer.DMD(Args(args, dataset_name="mosei"))  # metrics are picked by name
-  trainer.cosine = torch19_cosine_embedding_loss
+  trainer.cosine = dmd_reference.torch19_cosine_embedding_loss
 
   sequences, edge_scores = {}, {"homo": [], "hetero": []}
   for t in TRANSFORMERS:
@@ -306,8 +155,8 @@ def make_fixture(ref, ref_dir, name, spec):
   for space, unit in (("homo", models[1]), ("hetero", models[2])):
     unit.W_edge.register_forward_hook(lambda mod, inp, out, s=space: edge_scores[s].append(out))
 
-  batch = make_batch(spec, np.random.default_rng(2))
-  output, loss, gd = run_training_step(models, trainer, batch)
+  batch = make_batch(spec, np.random.default_rng(seed + 2))
+  output, loss, gd = dmd_reference.run_training_step(models, trainer, batch)
   loss["combined"].backward()
 
   arrays = {f"batch/{k}": v for k, v in batch.items()}
@@ -335,7 +184,8 @@ def make_fixture(ref, ref_dir, name, spec):
       "gd_size": {"homo": GD_SIZE_HOMO, "hetero": GD_SIZE_HETERO}, "dropouts": DROPOUTS,
       "margin_triplets": triplets, "margin_triplets_active": active,
       "zero_first_channel_frames": pe_padding,
-      "reference": "github.com/mdswyz/DMD", "reference_sha256": fingerprint(ref_dir),
+      "reference": "github.com/mdswyz/DMD",
+      "reference_sha256": dmd_reference.fingerprint(ref_dir),
       "versions": {"torch": torch.__version__, "numpy": np.__version__,
                    "python": platform.python_version()},
   }
@@ -358,18 +208,29 @@ def save(path, arrays):
                       floats=np.concatenate(floats))
 
 
+def load(path):
+  """(meta, {key: array}) of a file `save` wrote."""
+  with np.load(path) as z:
+    meta = json.loads(str(z["meta"]))
+    index = json.loads(str(z["index"]))
+    floats = z["floats"]
+  arrays = {key: floats[offset:offset + int(np.prod(shape))].reshape(shape)
+            for key, (shape, offset) in index.items()}
+  return meta, arrays
+
+
 def main(argv=None):
   opts = parse_args(argv)
   import torch  # pylint: disable=import-outside-toplevel
   torch.set_num_threads(1)
   ref_dir = pathlib.Path(opts.dmd).resolve()
-  ref = import_reference(ref_dir)
+  ref = dmd_reference.import_reference(ref_dir, prog="make_dmd_fixture.py")
   out_dir = pathlib.Path(opts.out)
   out_dir.mkdir(parents=True, exist_ok=True)
   for name in opts.configs.split(","):
     if name not in CONFIGS:
       sys.exit(f"make_dmd_fixture.py: unknown config {name!r}; choose from {', '.join(CONFIGS)}")
-    arrays, meta = make_fixture(ref, ref_dir, name, CONFIGS[name])
+    arrays, meta = make_fixture(ref, ref_dir, name, CONFIGS[name], opts.seed)
     path = out_dir / f"dmd_reference_{name}.npz"
     save(path, arrays)
     print(f"{path}: {path.stat().st_size:,} bytes, {len(arrays)} arrays; combined loss "
