@@ -45,8 +45,9 @@ _VARIANT = flags.DEFINE_enum("variant", "both", ["dmd", "dhmd", "both"],
                              "dhmd: the full model; both: each case twice.")
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed chunks per case (the best is reported).")
-_ACCUMULATE = flags.DEFINE_enum("accumulate", "scan", ["scan", "vmap"],
-                                "config.train.accumulate for the step.")
+_ACCUMULATE = flags.DEFINE_enum(
+    "accumulate", None, ["scan", "vmap"],
+    "config.train.accumulate for the step (default: the config's, as the trainer runs it).")
 _UPDATE_EPOCHS = flags.DEFINE_integer(
     "update_epochs", 1, "Micro-batches per optimizer step (the reference protocol uses 10; "
     "its per-step figures are for 1). samples/s counts every micro-batch.")
@@ -58,7 +59,7 @@ _REMAT = flags.DEFINE_bool(
     "remat", None, "config.model.remat: recompute transformer layers in the backward pass "
     "(default: the config's).")
 _STACK_COMPUTE = flags.DEFINE_enum(
-    "stack_compute", None, ["auto", "vmap", "loop"],
+    "stack_compute", None, ["auto", "vmap", "grouped", "loop"],
     "config.model.stack_compute (default: the config's).")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
                                      "Samples per seed in the evaluation-throughput pass.")
@@ -82,7 +83,6 @@ def make_config(variant):
   config = mosei.get_config("aligned")
   config.model.use_dm = variant == "dhmd"
   config.train.update_epochs = _UPDATE_EPOCHS.value
-  config.train.accumulate = _ACCUMULATE.value
   config.train.dropout_rng = _DROPOUT_RNG.value
   if _QUERY_BLOCK.value is not None:
     config.model.attention_query_block = _QUERY_BLOCK.value
@@ -93,6 +93,9 @@ def make_config(variant):
   if _TEXT_ENCODER.value == "bert":
     config.model.text_encoder = "bert"
     config.model.bert.init = "random"  # the cost of bert-base, not its weights
+    config.train.accumulate = "scan"  # as the BERT configs train (configs/mosei.py use_bert)
+  if _ACCUMULATE.value is not None:
+    config.train.accumulate = _ACCUMULATE.value
   return validation.validate(config)
 
 

@@ -1,7 +1,10 @@
 """dhmd_jax.benchmark on the tiny model: the chunk it times is the trainer's program (the loss
 weights as inputs), its numbers are consistent with each other, and its Markdown keeps the
-columns that a side-by-side harness reads (docs/performance.md)."""
+columns that a side-by-side harness reads (docs/performance.md); and tools/profile_step.py finds
+every model part in the compiled step it profiles."""
 
+import collections
+import importlib.util
 import os
 import subprocess
 import sys
@@ -90,3 +93,35 @@ def test_a_malformed_case_is_one_line_and_status_2():
   assert proc.stderr.splitlines() == [
       "error: bad --cases entry 'aligned:16': write layout:batch:seeds with layout aligned or "
       "unaligned, e.g. --cases=aligned:16:1,unaligned:64:5"]
+
+
+def _profile_tool():
+  """tools/profile_step.py as a module (loaded once: it defines absl flags)."""
+  if "profile_step" not in sys.modules:
+    spec = importlib.util.spec_from_file_location(
+        "profile_step", os.path.join(REPO, "tools", "profile_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    sys.modules["profile_step"] = module
+  return sys.modules["profile_step"]
+
+
+@pytest.mark.parametrize("compute", ["loop", "vmap"])
+def test_the_profile_finds_every_model_part_in_a_compiled_step(tiny_benchmark, compute):
+  """tools/profile_step.py attributes each executed XLA op to a model part by the op_name of its
+  HLO metadata: every part of the full model (BERT aside) must be found in the compiled chunk,
+  whatever the stack schedule, so the per-part table does not fall through to "other"."""
+  profile = _profile_tool()
+  config = tiny_benchmark.make_config("dhmd")
+  config.model.stack_compute = compute
+  model = dhmd_model.build_model(config, num_outputs=1)
+  chunk = tiny_benchmark.make_chunk(config, model, "aligned", batch=4, num_seeds=1, num_steps=1)
+  hlo = chunk.run_chunk.lower(chunk.states, *chunk.args).compile().as_text()
+  meta = profile.op_metadata(hlo)
+  parts = collections.Counter(profile.part_of(name) for name in meta.values())
+  named = {part for part, _ in profile.PARTS if part != "BERT" and "not named" not in part}
+  assert named <= set(parts), parts
+  if compute == "loop":  # (under "vmap" many backward ops carry no module path: "other")
+    # The stacks hold most of the model's operations: more than the unattributed rest.
+    stacks = sum(n for part, n in parts.items() if "transformer" in part)
+    assert stacks > parts[profile.OTHER], parts

@@ -148,16 +148,18 @@ def _branch_params(stack_params, g):
   return jax.tree.map(lambda a: a[g:g + 1], stack_params)
 
 
+@pytest.mark.parametrize("compute", ["vmap", "grouped"])
 @pytest.mark.parametrize("cross,causal,key_padding", [
     (False, True, False), (True, True, False), (True, False, True), (True, True, True)])
-def test_stack_equals_each_branch_alone(cross, causal, key_padding):
-  """G branches of unequal lengths in one vmapped stack (padded, grouped) = each branch computed
-  alone ("loop", a stack of one), outputs and gradients; with query blocks, so blocks over
-  padded branches are covered too."""
+def test_stack_equals_each_branch_alone(cross, causal, key_padding, compute):
+  """G branches of unequal lengths in one vmapped stack (padded, grouped; layers scanned in
+  "vmap", unrolled in "grouped") = each branch computed alone ("loop", a stack of one), outputs
+  and gradients; with query blocks, so blocks over padded branches are covered too."""
   xs, srcs, masks = _unequal_branches(cross, key_padding)
   t_q = [x.shape[1] for x in xs]
   t_k = [s.shape[1] for s in srcs] if cross else t_q  # branch 3 is far shorter/longer: own group
-  stack = TransformerStack(num_heads=2, num_layers=2, causal_mask=causal, query_block=3)
+  stack = TransformerStack(num_heads=2, num_layers=2, causal_mask=causal, query_block=3,
+                           compute=compute)
   loop = stack.clone(compute="loop")
   shapes = jax.eval_shape(
       lambda: stack.init(jax.random.key(0), xs, srcs, key_masks=masks, deterministic=True))
@@ -201,9 +203,10 @@ def _unequal_branches(cross, key_padding, seed=0):
 @pytest.mark.parametrize("cross,key_padding,remat,record", [
     (False, False, False, True), (True, True, True, False), (True, False, False, True)])
 def test_schedules_agree_with_dropout(cross, key_padding, remat, record):
-  """Training mode: "loop" and "vmap" draw the same dropout masks (every site: embedding, attention
-  weights per branch rate, relu, residual), so outputs, gradients and recorded attention maps
-  agree as in deterministic mode; unequal lengths (padding, two groups), query blocks."""
+  """Training mode: "loop", "vmap" and "grouped" draw the same dropout masks (every site:
+  embedding, attention weights per branch rate, relu, residual), so outputs, gradients and
+  recorded attention maps agree as in deterministic mode; unequal lengths (padding, two groups),
+  query blocks."""
   xs, srcs, masks = _unequal_branches(cross, key_padding)
   stack = TransformerStack(num_heads=2, num_layers=2, query_block=3, remat=remat,
                            attn_dropout=(0.3, 0.5, 0.0, 0.2), embed_dropout=0.1,
@@ -223,13 +226,14 @@ def test_schedules_agree_with_dropout(cross, key_padding, remat, record):
     (_, (outs, maps)), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
     return outs, maps, grads
 
-  out_v, maps_v, grad_v = run("vmap")
   out_l, maps_l, grad_l = run("loop")
-  for a, b in zip(out_v, out_l):
-    np.testing.assert_allclose(a, b, atol=2e-5)
-  chex.assert_trees_all_close(grad_v, grad_l, atol=2e-4)
-  if record:
-    chex.assert_trees_all_close(maps_v, maps_l, atol=2e-5)
+  for compute in ("grouped", "vmap"):
+    out_v, maps_v, grad_v = run(compute)
+    for a, b in zip(out_v, out_l):
+      np.testing.assert_allclose(a, b, atol=2e-5, err_msg=compute)
+    chex.assert_trees_all_close(grad_v, grad_l, atol=2e-4)
+    if record:
+      chex.assert_trees_all_close(maps_v, maps_l, atol=2e-5)
   # Dropout is on (else the check above would hold trivially), and its masks follow the key.
   det = run("vmap", deterministic=True)[0]
   other = run("vmap", key=4)[0]
@@ -269,7 +273,7 @@ def test_keep_masks_depend_on_coordinates_not_shapes():
   assert not np.array_equal(other, mask)
 
 
-@pytest.mark.parametrize("compute", ["vmap", "loop"])
+@pytest.mark.parametrize("compute", ["vmap", "grouped", "loop"])
 def test_bad_stack_inputs_fail_with_a_message(compute):
   """One copy of each input check, ahead of either schedule."""
   x, y = jnp.ones((2, 5, 8)), jnp.ones((2, 4, 6))
@@ -285,11 +289,12 @@ def test_bad_stack_inputs_fail_with_a_message(compute):
     init(stack, [x, x], key_masks=[jnp.ones((2, 5), bool), jnp.ones((2, 4), bool)])
   with pytest.raises(ValueError, match="3 attention dropout rates for 2 branches"):
     init(stack.clone(attn_dropout=(0.1, 0.2, 0.3)), [x, x])
-  with pytest.raises(ValueError, match="compute must be 'vmap' or 'loop', got 'scan'"):
+  with pytest.raises(ValueError,
+                     match="compute must be one of vmap, grouped, loop, got 'scan'"):
     init(stack.clone(compute="scan"), [x])
 
 
-@pytest.mark.parametrize("compute", ["vmap", "loop"])
+@pytest.mark.parametrize("compute", ["vmap", "grouped", "loop"])
 def test_remat_gives_the_same_gradients(compute):
   rng = np.random.default_rng(1)
   xs = [rng.normal(size=(2, 6, 8)).astype(np.float32) for _ in range(3)]
@@ -304,7 +309,7 @@ def test_remat_gives_the_same_gradients(compute):
   chex.assert_trees_all_close(grads[0], grads[1], atol=1e-5)
 
 
-@pytest.mark.parametrize("compute", ["vmap", "loop"])
+@pytest.mark.parametrize("compute", ["vmap", "grouped", "loop"])
 def test_dropout_rates_are_per_branch(compute):
   """Branch 0 has attention dropout 0 and must be deterministic; branch 1 (0.5) must not."""
   rng = np.random.default_rng(2)

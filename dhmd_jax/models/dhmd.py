@@ -75,7 +75,7 @@ class ModelSettings:
   gd: ml_collections.FrozenConfigDict
   dm: ml_collections.FrozenConfigDict
   num_outputs: int  # 1 (regression) or 2 (binary logits)
-  stack_compute: str  # model.stack_compute with "auto" resolved: "vmap" or "loop"
+  stack_compute: str  # model.stack_compute with "auto" resolved: "vmap", "grouped" or "loop"
   bert: Optional[BertSettings] = None  # with model.text_encoder="bert": the BERT's architecture
 
   @classmethod

@@ -25,14 +25,15 @@ of width 2d). Everything follows `trains/subNets/transformers_encoder/*.py` of t
 
 The model holds the transformers of one kind as one `TransformerStack` (parameters with a
 leading branch axis G and a layer axis L). The maths of one branch exists once, as pure functions
-over its slice of the stacked parameters (`_branch` -> `_encoder_layer` -> `_attention`), and the
-stack's two schedules both call it: "vmap" vmaps it over the branches (padded to a common length
-with exact masks) with the layers under `lax.scan` (few, large operations: the GPU default), and
-"loop" calls it branch by branch at each branch's own lengths with the layers unrolled (many
-small operations that a CPU runtime overlaps on its cores: the CPU default). Dropout masks
-(threefry keys, the default) are drawn from each element's coordinates (`_keep_mask`) with each
-branch's own key, so the two schedules drop the same units and give the same numbers in
-training too, and the masks do not depend on `query_block` (`tests/test_stacked.py`).
+over its slice of the stacked parameters (`_branch` -> `_encoder_layer` -> `_attention`), and
+every schedule of the stack (`SCHEDULES`) calls it: "vmap" vmaps it over the branches (padded to
+a common length with exact masks) with the layers under `lax.scan` (few, large operations: the
+GPU default); "grouped" vmaps the same groups with the layers unrolled; "loop" calls it branch by
+branch at each branch's own lengths with the layers unrolled (many small operations that a CPU
+runtime overlaps on its cores). Dropout masks (threefry keys, the default) are drawn from each
+element's coordinates (`_keep_mask`) with each branch's own key, so the schedules drop the same
+units and give the same numbers in training too, and the masks do not depend on `query_block`
+(`tests/test_stacked.py`).
 
 Attention maps for analysis are recorded only on request: applied with
 `mutable=["intermediates"]`, a stack sows every layer's attention weights (see
@@ -56,6 +57,10 @@ _LN_EPSILON = 1e-5  # torch.nn.LayerNorm default
 # and, finite, it keeps a row with no visible key free of inf - inf.
 _HIDDEN = -1e30
 _GRID = 1 << 16  # rows and column pairs a dropout mask addresses by coordinates
+# How a stack is computed (TransformerStack.compute): "vmap" (branches of similar lengths vmapped,
+# layers scanned), "grouped" (the same groups vmapped, layers unrolled), "loop" (branch by branch,
+# layers unrolled).
+SCHEDULES = ("vmap", "grouped", "loop")
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> jax.Array:
@@ -219,7 +224,7 @@ class _Static(NamedTuple):
   training: bool  # dropout on
   attn_dropout: bool  # training, and some branch computed with this has attention dropout
   remat: bool
-  scan: bool  # layers under lax.scan ("vmap" schedule) or unrolled ("loop")
+  scan: bool  # layers under lax.scan ("vmap" schedule) or unrolled ("grouped", "loop")
   record: bool = False  # also return the attention weights (analysis; see TransformerStack)
 
 
@@ -318,8 +323,9 @@ def _encoder_layer(p, x, k_src, v_src, bias, key_mask, attn_rate, keys, st: _Sta
 
 def _branch(p, norm, x, src, bias, key_mask, attn_rate, key, st: _Static):
   """One MulT transformer encoder: the input embedding, `st.num_layers` layers, the final
-  LayerNorm. Both schedules compute every branch with this function: "vmap" under `jax.vmap`
-  (layers under `lax.scan`), "loop" as it is (layers unrolled).
+  LayerNorm. Every schedule computes every branch with this function: "vmap" under `jax.vmap`
+  (layers under `lax.scan`), "grouped" under `jax.vmap` (layers unrolled), "loop" as it is
+  (layers unrolled).
 
   Args:
     p: the branch's layer parameters, every leaf with the layer axis L first.
@@ -410,8 +416,9 @@ class TransformerStack(nn.Module):
   """G MulT transformer encoders of one kind (same width, heads and depth), computed as one.
 
   Every parameter has a leading branch axis G and, inside a layer, a layer axis L. How the same
-  parameters are computed is `compute`; both schedules run every branch through `_branch`, with
-  the same dropout masks (each branch's key is the stack's key folded with the branch index):
+  parameters are computed is `compute`; every schedule runs every branch through `_branch`,
+  with the same dropout masks (each branch's key is the stack's key folded with the branch
+  index):
 
   * "vmap": branches whose lengths differ by at most `slack` are zero-padded to a common length
     with exact masks (padded keys get no weight, the causal offset and the positions stay those
@@ -419,6 +426,10 @@ class TransformerStack(nn.Module):
     one `jax.vmap`, the layers under `jax.lax.scan`, so one layer body is traced and compiled
     once for all G x L layers (few, large operations: compiles in seconds, and what a GPU
     wants); branches of very different lengths are computed in separate groups.
+  * "grouped": the same groups as "vmap", each one `jax.vmap`, the layers unrolled (one traced
+    layer per group and depth instead of per branch and depth: a fraction of "loop"'s program,
+    so it compiles several times faster; on a CPU each step costs more than "loop"'s, since
+    the per-branch weights make every product a batched one).
   * "loop": every branch on its own at its own lengths, the layers unrolled (the same numbers;
     many small independent operations, which a CPU runtime overlaps on its cores, at the cost
     of compile time).
@@ -434,7 +445,7 @@ class TransformerStack(nn.Module):
       `query_blocks`. The same outputs, less work on long sequences.
     remat: recompute each layer's activations in the backward pass instead of storing them.
     slack: largest padded/real length ratio inside one "vmap" group (see `plan_groups`).
-    compute: "vmap" or "loop" (above).
+    compute: "vmap", "grouped" or "loop" (above).
   """
   num_heads: int
   num_layers: int
@@ -525,8 +536,8 @@ class TransformerStack(nn.Module):
     rates = tuple(rates) if isinstance(rates, (list, tuple)) else (rates,) * g_all
     if len(rates) != g_all:
       raise ValueError(f"{len(rates)} attention dropout rates for {g_all} branches")
-    if self.compute not in ("vmap", "loop"):  # the model's config is checked in ModelSettings
-      raise ValueError(f"TransformerStack.compute must be 'vmap' or 'loop', got "
+    if self.compute not in SCHEDULES:  # the model's config is checked in ModelSettings
+      raise ValueError(f"TransformerStack.compute must be one of {', '.join(SCHEDULES)}, got "
                        f"{self.compute!r}")
     layer_params, final_norm = self._params(g_all, e)
     key = None if deterministic else self.make_rng("dropout")
@@ -560,9 +571,10 @@ class TransformerStack(nn.Module):
     return outputs[0] if single else outputs
 
   def _group(self, group, layer_params, final_norm, xs, srcs, key_masks, rates, key, record):
-    """The branches `group` (indices), zero-padded to the longest, as one vmapped, scanned
-    computation. Returns their outputs (B, T_q[g], E) and their attention weights
-    (L, B, h, T_q[g], T_k[g]), padding cut off (None each unless `record`)."""
+    """The branches `group` (indices), zero-padded to the longest, as one vmapped computation
+    (layers scanned in "vmap", unrolled in "grouped"). Returns their outputs (B, T_q[g], E)
+    and their attention weights (L, B, h, T_q[g], T_k[g]), padding cut off (None each unless
+    `record`)."""
     g_all = len(xs)
     if len(group) == g_all:
       take = lambda tree: tree
