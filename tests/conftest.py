@@ -28,9 +28,10 @@ for flag in ("--xla_backend_optimization_level=0", "--xla_cpu_use_fusion_emitter
 # (by their times on the 2-core machine), so no long file starts last while the other worker
 # idles.
 
-HEAVIEST_FIRST = ("test_stacked.py", "test_train.py", "test_faults.py", "test_parallel.py",
-                  "test_experiments.py", "test_model.py", "test_analysis.py", "test_bert.py",
-                  "test_benchmark.py")
+HEAVIEST_FIRST = ("test_faults.py", "test_parallel.py", "test_grid_shards.py", "test_stacked.py",
+                  "test_train.py", "test_multiprocess.py", "test_experiments.py",
+                  "test_grid_devices.py", "test_model.py", "test_analysis.py", "test_bert.py",
+                  "test_benchmark.py", "test_dmd_reference.py", "test_v1_checkpoint.py")
 
 
 def pytest_xdist_auto_num_workers(config):
