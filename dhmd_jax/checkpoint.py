@@ -56,6 +56,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dhmd_jax import distributed
 from dhmd_jax import workdir as workdir_lib
 from dhmd_jax.models import layout
 
@@ -330,7 +331,7 @@ class Checkpointer:
       pending.arrays = None
       self._manager.wait_until_finished()
       folder = os.path.join(self.directory, str(pending.epoch))
-      if os.path.isdir(folder):
+      if os.path.isdir(folder) and distributed.is_primary():  # one writer (several processes)
         try:
           _write_manifest(folder, digests)
         except OSError:  # incomplete without it: removed, so a rerun finds only complete ones
@@ -365,7 +366,8 @@ class Checkpointer:
     except Exception as error:  # pylint: disable=broad-except
       raise self._save_failed(error) from None
     self._pending = None
-    if pending is not None and not os.path.exists(
+    # Several processes: process 0 writes the manifest (the others' wait ends before it may).
+    if pending is not None and distributed.is_primary() and not os.path.exists(
         os.path.join(self.directory, str(pending.epoch), MANIFEST)):
       self._failed = CheckpointError(f"the save of epoch {pending.epoch} was not committed")
       raise CheckpointError(
@@ -388,10 +390,25 @@ class Checkpointer:
       with _reading():
         outcome = self._restore_newest(target, check_host)
         if outcome is not None:
+          self._agree(outcome[0])
           return outcome[0]
         self._manager.reload()
     raise CheckpointError(f"the checkpoints in {self.directory} kept changing while they were "
                           f"read; rerun the command")
+
+  def _agree(self, restored):
+    """Several processes (dhmd_jax.distributed): all of them resume from the same epoch, and
+    see the checkpoint folder as process 0 left it (having set aside what it skipped)."""
+    if not distributed.active():
+      return
+    epoch = str(None if restored is None else restored[0])
+    first = distributed.broadcast("restored", epoch)
+    if first != epoch:
+      raise CheckpointError(
+          f"process 0 resumes from epoch {first} of {self.directory}, {distributed.who()} from "
+          f"{epoch}; every process needs the same workdir on one shared file system")
+    distributed.barrier("restored")
+    self._manager.reload()
 
   def _restore_newest(self, target, check_host):
     """(the restore's result,), or None when a checkpoint vanished while it was read."""
@@ -445,7 +462,7 @@ class Checkpointer:
   def _set_aside(self, path):
     """Moves an unreadable checkpoint out of the way of the next save (training only), to
     `checkpoints/unreadable/`, for inspection; returns where it went (None when read-only)."""
-    if self._read_only:
+    if self._read_only or not distributed.is_primary():  # process 0 moves it (several)
       return None
     folder = os.path.join(os.path.dirname(os.path.dirname(path)), "unreadable")
     os.makedirs(folder, exist_ok=True)

@@ -6,9 +6,11 @@ state and the device-resident training arrays are replicated. XLA inserts the gr
 all-reduce. Because the program is written for the global batch, triplet mining sees the whole
 batch, not a device's shard.
 
-Multi-host: call `jax.distributed.initialize()` on every host before anything else; the mesh
-then spans all hosts' devices (`jax.devices()`), and every host runs the same command. Host
-arrays go onto such a mesh with `replicate` (tests/test_parallel.py runs two processes).
+Several processes (hosts): `dhmd_jax.distributed` starts JAX's distributed runtime before
+anything else; the mesh then spans every process's devices (`jax.devices()`), and every process
+runs the same command. Host arrays go onto such a mesh with `replicate` and come back with
+`to_host` (tests/test_parallel.py runs the train step over two processes,
+tests/test_multiprocess.py the whole command).
 """
 
 import jax
@@ -26,6 +28,10 @@ def make_mesh(num_devices):
   if n > len(devices) or n < 1:
     raise ValueError(f"config.train.num_devices = {num_devices}, but {len(devices)} "
                      f"device(s) are available; set it to at most {len(devices)} (0 = all)")
+  if jax.process_count() > 1 and n != len(devices):  # a process without a device would idle
+    raise ValueError(f"config.train.num_devices = {num_devices}, but a run over "
+                     f"{jax.process_count()} processes uses all their {len(devices)} devices; "
+                     f"set it to 0 (all)")
   axis_types = (jax.sharding.AxisType.Auto,)
   return jax.make_mesh((n,), (DATA_AXIS,), axis_types=axis_types, devices=devices[:n])
 
@@ -71,3 +77,15 @@ def constrain_batch(tree, mesh, batch_axis):
   if mesh is None or mesh.size == 1:
     return tree
   return jax.lax.with_sharding_constraint(tree, batch_sharding(mesh, batch_axis))
+
+
+def to_host(x):
+  """`np.asarray(x)` for a jax.Array of any layout, also one that spans processes: a replicated
+  array is read from this process's copy, a split one is gathered from every process (every
+  process must call this then, as for any collective)."""
+  if not isinstance(x, jax.Array) or x.is_fully_addressable:
+    return np.asarray(x)
+  if x.is_fully_replicated:
+    return np.asarray(x.addressable_data(0))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

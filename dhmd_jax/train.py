@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import logging as python_logging
-import math
 import os
 import shutil
 import signal
@@ -37,6 +36,7 @@ import numpy as np
 
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
+from dhmd_jax import distributed
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import objective
 from dhmd_jax import parallel
@@ -44,7 +44,6 @@ from dhmd_jax import reporting
 from dhmd_jax import schedule
 from dhmd_jax import steps
 from dhmd_jax import validation
-from dhmd_jax import workdir as workdir_lib
 from dhmd_jax.models import bert_weights
 from dhmd_jax.models import dhmd as dhmd_model
 
@@ -199,11 +198,14 @@ def _check_finite(metrics, valid, active, *, epoch, first_step, seeds, workdir):
 
 
 def _chunking(steps_per_epoch, max_chunk):
-  """(number of chunks, steps per chunk) covering the epoch with the least padding."""
+  """(number of chunks, steps per chunk): the longest chunk of at most `max_chunk` steps that
+  divides the epoch, so that no chunk computes padding steps only to drop them (an epoch of 7
+  steps with at most 4 per chunk ran 2 x 4 steps, one eighth of them wasted). A chunk boundary
+  costs a few milliseconds of host work; a step of the reference protocol costs seconds."""
   if max_chunk <= 0 or max_chunk >= steps_per_epoch:
     return 1, steps_per_epoch
-  num_chunks = math.ceil(steps_per_epoch / max_chunk)
-  return num_chunks, math.ceil(steps_per_epoch / num_chunks)
+  chunk = max(k for k in range(1, max_chunk + 1) if steps_per_epoch % k == 0)
+  return steps_per_epoch // chunk, chunk
 
 
 def prepare_workdir(workdir):
@@ -295,6 +297,35 @@ class _Progress:
   best_params: Any  # per seed: the parameters selected on validation
   sched: dict  # schedule.py's per-seed state
   epoch: int  # last completed epoch
+  # The valid and test predictions of every seed's selected parameters, kept from the epoch
+  # that selected them, so the final report needs no forward pass; None after a resume (not in
+  # the checkpoint: the report then predicts).
+  best_preds: Any = None
+
+
+@dataclasses.dataclass
+class _BestPredictions:
+  """Per split, the (S, N, O) predictions of each seed's selected parameters, and which seeds'
+  rows hold them (`known`, (S,) bool): rows are replaced exactly where a seed's parameters are
+  (`improved`), so they are what `predict(best_params)` gives, bit for bit (the same compiled
+  program on the same parameters)."""
+  known: np.ndarray
+  preds: dict
+
+  @classmethod
+  def empty(cls, num_seeds):
+    return cls(known=np.zeros(num_seeds, bool), preds={})
+
+  def update(self, improved, preds):
+    """`preds`: {split: (S, N, O)} of this epoch's parameters (the same splits every epoch of
+    a run); `improved`: (S,) bool, where `select_best` takes this epoch's parameters."""
+    for split, value in preds.items():
+      self.preds[split] = np.where(improved[:, None, None], value, self.preds.get(split, value))
+    self.known |= improved
+
+  def get(self, split):
+    """The selected models' predictions of `split`, or None when not known for every seed."""
+    return self.preds.get(split) if self.known.all() else None
 
 
 def _set_up(config, workdir, loss_weights=None):
@@ -332,7 +363,7 @@ def _set_up(config, workdir, loss_weights=None):
       config=config, workdir=workdir, seeds=seeds,
       family=metrics_lib.metric_family(metrics_lib.metrics_dataset(config), task),
       dataset=dataset, host=host,
-      device={name: jax.device_put(arrays, parallel.replicated(mesh))
+      device={name: parallel.replicate(arrays, mesh)  # also over several processes
               for name, arrays in host.items()},
       labels={name: arrays["label"] for name, arrays in host.items()},
       mesh=mesh, model=model, keys=seed_keys(seeds, config.train.dropout_rng),
@@ -345,24 +376,60 @@ def _set_up(config, workdir, loss_weights=None):
       swept=run_weights, run_names=run_names)
 
 
-def _start_or_resume(run, ckpt):
-  """Fresh states for every seed, or those of the newest readable checkpoint."""
+# XLA options of the programs a run executes once (the initialisation, a copy): compiled without
+# LLVM's optimisations. The random initialisation of every parameter is a large program of
+# threefry arithmetic that XLA's default optimisation level compiles in minutes on a 2-core CPU
+# (as long as the train step) and level 0 in seconds; it runs once, so its speed does not
+# matter. Floating-point initialisers may then differ in the last bit from an optimised build
+# (as they may between CPUs); a run and its resumption never depend on it (a resumed run reads
+# its states from the checkpoint, and the initialisation is not compiled at all then).
+_RUN_ONCE_OPTIONS = {"xla_backend_optimization_level": 0}
+
+
+def _run_once(jitted, *args):
+  """`jitted(*args)`, compiled with `_RUN_ONCE_OPTIONS` (a persistent cache entry of its own)."""
+  return jitted.lower(*args).compile(compiler_options=_RUN_ONCE_OPTIONS)(*args)
+
+
+def _init_program(run):
+  """The jitted initialisation of every seed's TrainState from its init key."""
   config = run.config
   sample = jax.tree.map(lambda a: a[:config.train.batch_size], run.device["train"])
-  states = jax.jit(jax.vmap(lambda k: steps.init_state(config, run.model, sample, k)),
-                   out_shardings=parallel.replicated(run.mesh))(run.keys[0])
+  return jax.jit(jax.vmap(lambda k: steps.init_state(config, run.model, sample, k)),
+                 out_shardings=parallel.replicated(run.mesh))
+
+
+def _fresh_progress(run, init):
+  """Epoch 0: every seed's initial state, and a copy of its parameters as the selected ones."""
+  states = _run_once(init, run.keys[0])
   # One jitted copy, not one eager op (and one compilation) per parameter array.
-  best_params = jax.jit(lambda p: jax.tree.map(jnp.copy, p))(states.params)
-  progress = _Progress(states=states, best_params=best_params,
-                       sched=schedule.init_state(len(run.seeds), config.train.learning_rate),
-                       epoch=0)
+  best_params = _run_once(jax.jit(lambda p: jax.tree.map(jnp.copy, p)), states.params)
+  return _Progress(states=states, best_params=best_params,
+                   sched=schedule.init_state(len(run.seeds), run.config.train.learning_rate),
+                   epoch=0, best_preds=_BestPredictions.empty(len(run.seeds)))
+
+
+def _start_or_resume(run, ckpt):
+  """Fresh states for every seed, or those of the newest readable checkpoint.
+
+  The checkpoint is read into abstract targets (shapes, dtypes and the run's replicated
+  layout, from tracing the initialisation): a resumed run never compiles or runs the
+  initialisation it would throw away.
+  """
+  config = run.config
+  init = _init_program(run)
+  layout = parallel.replicated(run.mesh)
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=layout),
+                        jax.eval_shape(init, run.keys[0]))
   restored = ckpt.restore(
-      state=states, best_params=best_params,
+      state=target, best_params=target.params,
       check_host=lambda _, host: (_check_resumable(run.workdir, host["fingerprint"], config),
                                   _check_same_sweep(run, host.get("loss_weights"))))
-  if restored is not None:
+  if restored is None:
+    progress = _fresh_progress(run, init)
+  else:
     epoch, arrays, host = restored
-    progress = _Progress(states=arrays["state"], best_params=arrays["best_params"],
+    progress = _Progress(states=arrays["state"], best_params=run.place(arrays["best_params"]),
                          sched=schedule.from_json(host["schedule"]), epoch=epoch)
     _LOG.info("resuming from the checkpoint of epoch %d in %s", epoch, run.workdir)
   progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
@@ -378,16 +445,17 @@ def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
   config = run.config
   num_chunks, chunk = run.chunking
   active = progress.sched["active"].copy()
-  index = steps.epoch_index(run.keys[1], epoch, num_samples=run.host["train"]["label"].shape[0],
-                            batch_size=config.train.batch_size, num_steps=run.steps_per_epoch,
-                            micro_per_step=config.train.update_epochs)
+  # On the host (S x steps x U x B int32, kilobytes): slicing a device array by chunk would
+  # compile one slicing program per chunk offset.
+  index = np.asarray(steps.epoch_index(
+      run.keys[1], epoch, num_samples=run.host["train"]["label"].shape[0],
+      batch_size=config.train.batch_size, num_steps=run.steps_per_epoch,
+      micro_per_step=config.train.update_epochs))
   sums, count = {}, 0
   for c in range(num_chunks):
     lo = c * chunk
     idx = index[:, lo:lo + chunk]
     valid = np.arange(lo, lo + chunk) < run.steps_per_epoch
-    if idx.shape[1] < chunk:  # the last chunk: pad with steps that are not applied
-      idx = jnp.pad(idx, ((0, 0), (0, chunk - idx.shape[1]), (0, 0), (0, 0)))
     progress.states, metrics = run.run_chunk(progress.states, jnp.asarray(active),
                                              run.device["train"], idx, jnp.asarray(valid),
                                              run.keys[2], run.loss_weights)
@@ -399,7 +467,8 @@ def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
     count += int(valid.sum())
     done_steps += int(valid.sum())
     bar.update(done_steps, label=f"epoch {epoch}/{config.train.num_epochs}")
-    if stop.requested:
+    # Several processes stop at the same chunk when any of them got Ctrl-C.
+    if distributed.any_process(stop.requested, f"stop/{epoch}/{c}"):
       bar.end_line()
       raise Interrupted(f"interrupted at epoch {epoch}; rerun the same command to resume")
   return {name: value / count for name, value in sums.items()}, done_steps
@@ -409,12 +478,12 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
   """Validation, scheduler, model selection: updates `progress`, returns the epoch's record."""
   config = run.config
   task = config.dataset.task
-  valid_preds = np.asarray(run.predict(progress.states.params, run.device["valid"]))
+  valid_preds = parallel.to_host(run.predict(progress.states.params, run.device["valid"]))
   valid_metrics = metrics_lib.split_metrics(config, valid_preds, run.labels["valid"])
   valid_loss = metrics_lib.selection_loss(task, valid_preds, run.labels["valid"])
   test_metrics = {}
   if config.train.eval_test_every_epoch:
-    test_preds = np.asarray(run.predict(progress.states.params, run.device["test"]))
+    test_preds = parallel.to_host(run.predict(progress.states.params, run.device["test"]))
     test_metrics = metrics_lib.split_metrics(config, test_preds, run.labels["test"])
   active, lr_used = progress.sched["active"].copy(), progress.sched["lr"].copy()
   progress.sched, improved = schedule.update(
@@ -422,6 +491,9 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
       patience=config.train.plateau_patience, early_stop=config.train.early_stop)
   progress.best_params = steps.select_best(progress.best_params, progress.states.params,
                                            jnp.asarray(improved))
+  if progress.best_preds is not None:
+    progress.best_preds.update(improved, {"valid": valid_preds, **(
+        {"test": test_preds} if config.train.eval_test_every_epoch else {})})
   progress.states = run.place(steps.set_learning_rate(progress.states, progress.sched["lr"]))
   progress.epoch = epoch
   # A sweep's runs share seeds: "runs" names each column ("<seed>-<name>=<value>"), as in
@@ -445,12 +517,21 @@ def _save(run, progress, ckpt):
             host=json.loads(json.dumps(reporting.jsonable(host))))
 
 
+def _selected_predictions(run, progress, split):
+  """(S, N, O) predictions of every seed's selected parameters on `split`: kept from the epoch
+  that selected them when known, else predicted."""
+  known = None if progress.best_preds is None else progress.best_preds.get(split)
+  if known is not None:
+    return known
+  return parallel.to_host(run.predict(progress.best_params, run.device[split]))
+
+
 def _final_report(run, progress, start_time):
   """Tests the selected model of every seed; writes results.json/.md and the predictions."""
   config = run.config
   task = config.dataset.task
-  best_valid_preds = np.asarray(run.predict(progress.best_params, run.device["valid"]))
-  best_test_preds = np.asarray(run.predict(progress.best_params, run.device["test"]))
+  best_valid_preds, best_test_preds = (_selected_predictions(run, progress, split)
+                                        for split in ("valid", "test"))
   test = metrics_lib.split_metrics(config, best_test_preds, run.labels["test"])
   valid = metrics_lib.split_metrics(config, best_valid_preds, run.labels["valid"])
   results = {
@@ -467,6 +548,8 @@ def _final_report(run, progress, start_time):
   if run.swept is not None:  # a loss-weight sweep: each run's weights and name
     results["loss_weights"] = _host_weights(run)
     results["runs"] = run.run_names
+  if not distributed.is_primary():  # several processes: process 0 writes the report
+    return results
   reporting.write_predictions(
       os.path.join(run.workdir, "predictions_test.csv"), run.dataset.splits["test"].ids,
       run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.run_names)
@@ -497,8 +580,11 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
   created = prepare_workdir(workdir)
   stop = _StopRequest()
   committed = False
+  # Several processes (dhmd_jax.distributed): process 0 holds the lock and writes the workdir's
+  # logs and reports; every process saves its share of the checkpoints.
+  primary = distributed.is_primary()
   # Busy is raised before the `try`: the workdir is another run's, nothing here may remove it.
-  with workdir_lib.hold(workdir, "training"), stop.installed(), \
+  with distributed.holding(workdir, "training"), stop.installed(), \
       contextlib.ExitStack() as resources:
     try:
       # ------------------------------------------------------------- set-up
@@ -508,18 +594,19 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
           stored = validation.flat_config(json.load(f))
         _check_resumable(workdir, json.loads(json.dumps(stored)), config)
       run = _set_up(config, workdir, loss_weights)
-      reporting.write_json(config_path, config.to_dict())
+      if primary:
+        reporting.write_json(config_path, config.to_dict())
       ckpt = checkpoint.Checkpointer(workdir)
       resources.callback(ckpt.close)
       progress = _start_or_resume(run, ckpt)
       committed = progress.epoch > 0
       log = reporting.MetricsLog(os.path.join(workdir, "metrics.jsonl"),
-                                 resume_epoch=progress.epoch)
-      tb = reporting.TensorBoard(workdir, run.run_names, config.log.tensorboard)
+                                 resume_epoch=progress.epoch) if primary else None
+      tb = reporting.TensorBoard(workdir, run.run_names, config.log.tensorboard and primary)
       resources.callback(tb.close)
       num_epochs = config.train.num_epochs
       bar = reporting.ProgressBar((num_epochs - progress.epoch) * run.steps_per_epoch,
-                                  enabled=config.log.progress_bar,
+                                  enabled=config.log.progress_bar and primary,
                                   interval=config.log.progress_interval_s)
       done_steps = 0
       # ------------------------------------------------------------- epochs
@@ -531,7 +618,8 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
                                                done_steps=done_steps)
         record = _end_epoch(run, progress, epoch, train_means,
                             seconds=time.time() - epoch_start)
-        log.write(record)
+        if log is not None:
+          log.write(record)
         tb.write(epoch, _tensorboard_scalars(record, run.run_names))
         bar.end_line()
         _LOG.info("%s", reporting.epoch_line(
@@ -540,7 +628,7 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
             family=run.family, seconds=record["time_s"]))
         _save(run, progress, ckpt)
         committed = True
-        if stop.requested:
+        if distributed.any_process(stop.requested, f"stop/{epoch}/saved"):
           ckpt.wait()
           raise Interrupted(f"interrupted after epoch {epoch} (saved); rerun the same "
                             f"command to resume")
@@ -548,7 +636,8 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
       # ------------------------------------------------------------- report
       return _final_report(run, progress, start_time)
     except BaseException:
-      if created and not committed:  # nothing worth keeping: leave no half-made workdir
+      if created and not committed and primary:  # nothing worth keeping: leave no half-made
+        # workdir (with several processes, process 0 alone removes it)
         resources.close()
         shutil.rmtree(workdir, ignore_errors=True)
       raise

@@ -238,3 +238,52 @@ def test_missing_real_data_never_falls_back_to_synthetic(tmp_path):
   message = proc.stderr.strip().splitlines()[-1]
   assert "aligned_50.pkl" in message and "MMSA" in message
   assert not (tmp_path / "w" / "data").exists()
+
+
+def test_chunks_divide_the_epoch_so_no_padding_step_is_computed():
+  """Each chunk is the longest of at most `steps_per_chunk` steps that divides the epoch."""
+  assert train_lib._chunking(7, 4) == (7, 1)  # pylint: disable=protected-access
+  assert train_lib._chunking(102, 4) == (34, 3)  # pylint: disable=protected-access
+  for steps_per_epoch in range(1, 41):
+    for max_chunk in range(0, 9):
+      num, chunk = train_lib._chunking(steps_per_epoch, max_chunk)  # pylint: disable=protected-access
+      assert num * chunk == steps_per_epoch, (steps_per_epoch, max_chunk)
+      if 0 < max_chunk < steps_per_epoch:
+        assert chunk <= max_chunk
+        assert not any(steps_per_epoch % k == 0 for k in range(chunk + 1, max_chunk + 1))
+      else:
+        assert num == 1
+
+
+def test_selected_predictions_follow_the_selection_of_each_seed():
+  """The report's predictions of the selected models are kept from the epoch that selected each
+  seed's parameters, and are not used until every seed has been selected once."""
+  best = train_lib._BestPredictions.empty(3)  # pylint: disable=protected-access
+  epoch = lambda e: {"valid": np.full((3, 5, 1), e, np.float32),
+                     "test": np.full((3, 4, 1), 10 * e, np.float32)}
+  best.update(np.array([True, True, False]), epoch(1))
+  assert best.get("valid") is None  # seed 3 has no selected parameters yet
+  best.update(np.array([False, True, True]), epoch(2))
+  best.update(np.array([False, False, False]), epoch(3))
+  np.testing.assert_array_equal(best.get("valid")[:, 0, 0], [1, 2, 2])
+  np.testing.assert_array_equal(best.get("test")[:, 0, 0], [10, 20, 20])
+  assert best.get("valid").shape == (3, 5, 1) and best.get("test").shape == (3, 4, 1)
+
+
+def test_resume_reads_the_checkpoint_without_initialising(tmp_path, monkeypatch):
+  """A resumed run restores into abstract targets: it never compiles or runs the
+  initialisation it would throw away (a cold compilation cache pays for it otherwise)."""
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  config = fake_model.fake_config()
+  config.train.seeds = (1111, 1112)
+  config.train.num_epochs = 1
+  workdir = str(tmp_path / "run")
+  train_lib.train_and_evaluate(config, workdir)
+
+  def no_init(*args, **kwargs):
+    raise AssertionError("a resumed run initialised its states")
+
+  monkeypatch.setattr(train_lib, "_fresh_progress", no_init)
+  config.train.num_epochs = 2
+  results = train_lib.train_and_evaluate(config, workdir)
+  assert results["epochs_run"] == 2
