@@ -206,8 +206,9 @@ def get_config():
   # clipped to +-grad_clip_value after every micro-batch (code 0.6; <= 0 disables clipping).
   config.train.update_epochs = 10
   config.train.grad_clip_value = 0.6
-  # How the micro-batch gradients of one step are computed: "vmap" (all at once, faster) or
-  # "scan" (one after another, less memory). Both give the same update.
+  # How the micro-batch gradients of one step are computed: "vmap" (all at once, one batched
+  # program) or "scan" (one after another, less memory; on a 2-core CPU also 1.31x faster:
+  # docs/performance.md). Both give the same update up to float rounding.
   config.train.accumulate = "vmap"
   # PRNG of the dropout masks: "threefry" (identical on any number of devices) or "rbg" (XLA's
   # RngBitGenerator: far cheaper per number, which matters for unaligned data's (B, h, T, T)
