@@ -33,12 +33,27 @@ _REAL_BUILD = train_lib.build
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EPOCHS = 3
 
+# Child scripts that train several workdirs in one process share the first one's set-up (data,
+# model, compiled functions: nothing of it depends on the workdir; tracing the real model is most
+# of a child's time). `share_set_up()` makes train_and_evaluate reuse it.
+SHARE_SET_UP = r"""
+def share_set_up():
+  import dataclasses
+  from dhmd_jax import train as train_lib
+  real_set_up, shared = train_lib._set_up, []
+  def set_up(config, workdir, loss_weights=None):
+    if not shared:
+      shared.append(real_set_up(config, workdir, loss_weights))
+    return dataclasses.replace(shared[0], workdir=workdir)
+  train_lib._set_up = set_up
+"""
+
 # A tiny run (one seed, 3 epochs of two 3-step chunks) in a child process; FAULT=<point>@<n>
 # kills it with SIGKILL: "step" after the n-th chunk has run (mid-epoch), "save" during the save
 # of epoch n (its files written in the background, the commit not done), "committed" once orbax
 # has committed the checkpoint of epoch n and before its manifest is written, "saved" once the
 # checkpoint of epoch n is complete (before the next epoch or the report).
-CHILD = r"""
+CHILD = SHARE_SET_UP + r"""
 import os, signal, sys
 sys.path.insert(0, "tests")
 import jax
@@ -106,13 +121,7 @@ if len(workdirs) > 1:
   # Several runs in this one process, one after the other: they share the first one's set-up
   # (data, model, compiled functions: nothing of it depends on the workdir; tracing the real
   # model is most of a child's time).
-  import dataclasses
-  real_set_up, shared = train_lib._set_up, []
-  def set_up(config, workdir, loss_weights=None):
-    if not shared:
-      shared.append(real_set_up(config, workdir, loss_weights))
-    return dataclasses.replace(shared[0], workdir=workdir)
-  train_lib._set_up = set_up
+  share_set_up()
 for workdir in workdirs:
   train_lib.train_and_evaluate(config, workdir)
 """ % EPOCHS
@@ -505,7 +514,7 @@ def test_the_real_model_resumes_bit_for_bit_after_sigkill_mid_epoch(tmp_path):
 # depends on the workdir), so a case costs its restore, one epoch and the report. Before each
 # case the `warnings` registry is reset (a warning shown once per process would hide in a later
 # case), after it garbage is collected (late "Exception ignored" reports land in its own file).
-BATCH = r"""
+BATCH = SHARE_SET_UP + r"""
 import dataclasses, gc, json, os, sys, time, warnings
 sys.path.insert(0, "tests")
 import fake_model
@@ -516,12 +525,7 @@ config.train.seeds = (1111,)
 config.train.num_epochs = %d
 config.train.steps_per_chunk = 3
 config.dataset.path = sys.argv[1]
-real_set_up, shared = train_lib._set_up, []
-def set_up(config, workdir, loss_weights=None):
-  if not shared:
-    shared.append(real_set_up(config, workdir, loss_weights))
-  return dataclasses.replace(shared[0], workdir=workdir)
-train_lib._set_up = set_up
+share_set_up()
 outcomes = {}
 for workdir in sys.argv[3:]:
   fd = os.open(workdir + ".stderr", os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
