@@ -208,8 +208,9 @@ def get_config():
   config.train.grad_clip_value = 0.6
   # How the micro-batch gradients of one step are computed: "vmap" (all at once, one batched
   # program) or "scan" (one after another, less memory; on a 2-core CPU also 1.31x faster:
-  # docs/performance.md). Both give the same update up to float rounding.
-  config.train.accumulate = "vmap"
+  # docs/performance.md); "auto": "scan" on a CPU, "vmap" on a GPU or TPU. Both give the same
+  # update up to float rounding.
+  config.train.accumulate = "auto"
   # PRNG of the dropout masks: "threefry" (identical on any number of devices) or "rbg" (XLA's
   # RngBitGenerator: far cheaper per number, which matters for unaligned data's (B, h, T, T)
   # attention-dropout masks; masks then depend on the sharding).
@@ -342,7 +343,7 @@ RULES = {
     "train.learning_rate": Real(0.0, low_open=True),
     "train.update_epochs": Int(1),
     "train.grad_clip_value": Real(),
-    "train.accumulate": OneOf("vmap", "scan"),
+    "train.accumulate": OneOf("auto", "vmap", "scan"),
     "train.dropout_rng": OneOf("threefry", "rbg"),
     "train.plateau_factor": Real(0.0, 1.0, low_open=True, high_closed=True),
     "train.plateau_patience": Int(0),

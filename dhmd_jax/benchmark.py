@@ -46,7 +46,7 @@ _VARIANT = flags.DEFINE_enum("variant", "both", ["dmd", "dhmd", "both"],
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed chunks per case (the best is reported).")
 _ACCUMULATE = flags.DEFINE_enum(
-    "accumulate", None, ["scan", "vmap"],
+    "accumulate", None, ["auto", "scan", "vmap"],
     "config.train.accumulate for the step (default: the config's, as the trainer runs it).")
 _UPDATE_EPOCHS = flags.DEFINE_integer(
     "update_epochs", 1, "Micro-batches per optimizer step (the reference protocol uses 10; "
@@ -248,7 +248,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   jax.block_until_ready(predict(states.params, eval_data))
   eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
-                    config.train.accumulate, config.model.attention_query_block,
+                    steps.resolve_accumulate(config.train.accumulate),
+                    config.model.attention_query_block,
                     config.model.remat,
                     dhmd_model.resolve_stack_compute(config.model.stack_compute,
                                                      config.model.remat),

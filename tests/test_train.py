@@ -287,3 +287,13 @@ def test_resume_reads_the_checkpoint_without_initialising(tmp_path, monkeypatch)
   config.train.num_epochs = 2
   results = train_lib.train_and_evaluate(config, workdir)
   assert results["epochs_run"] == 2
+
+
+def test_accumulate_auto_is_scan_on_a_cpu_and_vmap_on_an_accelerator(monkeypatch):
+  assert steps.resolve_accumulate("vmap") == "vmap"
+  assert steps.resolve_accumulate("scan") == "scan"
+  assert jax.default_backend() == "cpu"
+  assert steps.resolve_accumulate("auto") == "scan"
+  for backend in ("gpu", "tpu"):
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    assert steps.resolve_accumulate("auto") == "vmap"
