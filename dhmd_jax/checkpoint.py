@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 from typing import Any
 import zlib
 
@@ -146,10 +147,34 @@ class _DropClosedLoopCallbacks:
     self.previous(unraisable)
 
 
+class _DropFailedOrbaxReads(py_logging.Filter):
+  """Drops asyncio's "Task/Future exception was never retrieved" for orbax's read tasks
+  (`async_deserialize`, `_read_array_index_and_device_put`) and tensorstore's OCDBT reads of a
+  damaged checkpoint: the same noise as the one `_DropClosedLoopCallbacks` drops, when the
+  failed read is a task or future collected by asyncio rather than a bare coroutine. The restore
+  already reported the damage in one line."""
+
+  def filter(self, record):
+    message = record.getMessage()
+    if "exception was never retrieved" not in message.split("\n", 1)[0]:
+      return True  # (Task, Future, _GatheringFuture, ...)
+    orbax_read = (f"{os.sep}orbax{os.sep}" in message
+                  and f"{os.sep}serialization{os.sep}" in message)  # a read coroutine of orbax
+    tensorstore_read = (("Error reading" in message and "in OCDBT database" in message)
+                        or "Encountered error while reading array index" in message)
+    return not (orbax_read or tensorstore_read)
+
+
 def _quiet_orbax():
   logger = py_logging.getLogger("absl")
   if not any(isinstance(f, _QuietOrbax) for f in logger.filters):
     logger.addFilter(_QuietOrbax())
+  logger = py_logging.getLogger("asyncio")
+  if not any(isinstance(f, _DropFailedOrbaxReads) for f in logger.filters):
+    logger.addFilter(_DropFailedOrbaxReads())
+  # The same reads, when the coroutine was never started at all.
+  warnings.filterwarnings("ignore", category=RuntimeWarning, message=(
+      "coroutine '(_read_array_index_and_device_put|async_deserialize)' was never awaited"))
   if not isinstance(sys.unraisablehook, _DropClosedLoopCallbacks):
     sys.unraisablehook = _DropClosedLoopCallbacks(sys.unraisablehook)
 

@@ -13,6 +13,8 @@ import asyncio
 import csv
 import errno
 import json
+import io
+import logging
 import os
 import shutil
 import signal
@@ -988,3 +990,26 @@ def test_a_checkpoint_removed_while_a_reader_reads_it_is_no_damage(straight, tmp
     assert evaluate_lib.evaluate(config, str(workdir), split="test")["per_seed"] == expected[1]
   assert calls == [3, 4]
   assert capsys.readouterr().err == ""
+
+
+def test_asyncio_reports_of_failed_orbax_reads_are_dropped_and_others_kept():
+  """asyncio's "Task exception was never retrieved" for orbax's read of a damaged checkpoint is
+  noise after the one warning line; the same report for any other task still reaches stderr."""
+  checkpoint._quiet_orbax()
+  logger = logging.getLogger("asyncio")
+  stream = io.StringIO()
+  handler = logging.StreamHandler(stream)
+  logger.addHandler(handler)
+  try:
+    orbax_file = os.path.join("site-packages", "orbax", "checkpoint", "_src", "serialization",
+                              "serialization.py")
+    logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<"
+                 f"_read_array_index_and_device_put() done, defined at {orbax_file}:272>>")
+    logger.error("Future exception was never retrieved\nfuture: <Future finished exception="
+                 "ValueError('OUT_OF_RANGE: Error reading \"x/0.0\" in OCDBT database at local "
+                 "file ...')>")
+    logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<mine() done>>")
+  finally:
+    logger.removeHandler(handler)
+  assert stream.getvalue() == ("Task exception was never retrieved\n"
+                               "future: <Task finished coro=<mine() done>>\n")
