@@ -337,22 +337,29 @@ def run_parity(opts, argv, out, ref_versions):
   start_jax_quickly()
   test = load_test_module()
   table, unplaced = compare_parity(arrays_by_config, test)
-  import jax  # pylint: disable=import-outside-toplevel
   tolerance = (f"|diff| <= {test.ATOL:g} + {test.RTOL:g} |reference| + {test.SCALE_TOL:g} "
                f"max |reference|")
   lines, passed = parity_table(table, configs, tolerance)
   if unplaced:
     passed = False
     lines.append(f"FAIL: reference parameters without a place in our model: {unplaced}")
+  print_report("Parity: the DMD code and dhmd-jax's DMD model (dictionary matching off) on the "
+               f"same weights, float32, seed {opts.seed}; max rel diff = max |diff| / max "
+               f"|reference|", opts, argv, ref_versions, lines)
+  return passed
+
+
+def print_report(title, opts, argv, ref_versions, lines):
+  """A table as printed for pasting: its title, the header (machine, date, commit, versions,
+  command), the table."""
+  import jax  # pylint: disable=import-outside-toplevel
   print()
-  print("Parity: the DMD code and dhmd-jax's DMD model (dictionary matching off) on the same "
-        f"weights, float32, seed {opts.seed}; max rel diff = max |diff| / max |reference|")
+  print(title)
   print()
   for line in header(opts, argv, {**ref_versions, "jax": jax.__version__}):
     print(line)
   print()
   print("\n".join(lines))
-  return passed
 
 
 # ---------------------------------------------------------------- speed
@@ -486,18 +493,11 @@ def run_speed(opts, argv, out, ref_versions, runner=run_one):
     state = f"{ms:,.1f} ms/step" if ms else f"FAILED (rc {rc}; see {log})"
     print(f"round {r}/{opts.rounds} {case_name(case)} {who}: {state}", flush=True)
   lines, details = speed_table(timings, opts.cases)
-  import jax  # pylint: disable=import-outside-toplevel
-  print()
-  print(f"Speed: the DMD code's training step against `python -m dhmd_jax.benchmark "
-        f"--variant=dmd`, MOSEI shapes, same random batches; medians over {opts.rounds} "
-        f"interleaved round(s); {opts.threads} thread(s) per process, pinned to CPUs "
-        f"{','.join(map(str, cpus))}; load average at the start "
-        f"{'unknown' if load is None else f'{load:.1f}'}")
-  print()
-  for line in header(opts, argv, {**ref_versions, "jax": jax.__version__}):
-    print(line)
-  print()
-  print("\n".join(lines))
+  print_report(f"Speed: the DMD code's training step against `python -m dhmd_jax.benchmark "
+               f"--variant=dmd`, MOSEI shapes, same random batches; medians over {opts.rounds} "
+               f"interleaved round(s); {opts.threads} thread(s) per process, pinned to CPUs "
+               f"{','.join(map(str, cpus))}; load average at the start "
+               f"{'unknown' if load is None else f'{load:.1f}'}", opts, argv, ref_versions, lines)
   print()
   print("Per round:")
   print("\n".join(details))
