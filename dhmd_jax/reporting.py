@@ -269,8 +269,19 @@ def markdown_report(results):
   lines.append("| mean ± std | | " + " | ".join(cells) + " |")
   lines.append("")
   lines.append("Accuracies and F1 in %, MAE and Corr raw. "
-               f"Wall time {results['wall_time_s']:.1f} s.")
+               f"Wall time {results['wall_time_s']:.1f} s{_timing_note(results)}.")
   return "\n".join(lines) + "\n"
+
+
+def _timing_note(results):
+  """" (set-up 20.1 s, training 180.2 s, ...)" from results["timing_s"], or "" without it."""
+  timing = results.get("timing_s")
+  if not timing:
+    return ""
+  names = (("setup", "set-up"), ("train", "training"), ("evaluate", "evaluation"),
+           ("checkpoint", "checkpoints"), ("report", "report"))
+  parts = [f"{label} {timing[key]:.1f} s" for key, label in names if key in timing]
+  return " (" + ", ".join(parts) + ")"
 
 
 def _cell(value, name):

@@ -474,7 +474,7 @@ def _train_epoch(run, progress, epoch, *, stop, bar, done_steps):
   return {name: value / count for name, value in sums.items()}, done_steps
 
 
-def _end_epoch(run, progress, epoch, train_means, *, seconds):
+def _end_epoch(run, progress, epoch, train_means, *, train_seconds, start):
   """Validation, scheduler, model selection: updates `progress`, returns the epoch's record."""
   config = run.config
   task = config.dataset.task
@@ -499,12 +499,16 @@ def _end_epoch(run, progress, epoch, train_means, *, seconds):
   # A sweep's runs share seeds: "runs" names each column ("<seed>-<name>=<value>"), as in
   # results.json.
   names = {} if run.swept is None else {"runs": run.run_names}
+  end = time.time()
   return {
       "epoch": epoch, "seeds": run.seeds, **names, "active": active, "lr": lr_used,
       "train": {k: v for k, v in train_means.items() if not k.startswith("edge/")},
       "edges": {k[len("edge/"):]: v for k, v in train_means.items() if k.startswith("edge/")},
       "valid_loss": valid_loss, "valid": valid_metrics, "test": test_metrics,
-      "improved": improved, "time_s": seconds,
+      "improved": improved, "time_s": end - start,
+      # Where the epoch's time went (the checkpoint's save follows the record, see timing_s in
+      # results.json); the first epoch's training includes compiling the train program.
+      "timing_s": {"train": train_seconds, "evaluate": end - start - train_seconds},
   }
 
 
@@ -526,8 +530,10 @@ def _selected_predictions(run, progress, split):
   return parallel.to_host(run.predict(progress.best_params, run.device[split]))
 
 
-def _final_report(run, progress, start_time):
-  """Tests the selected model of every seed; writes results.json/.md and the predictions."""
+def _final_report(run, progress, start_time, timing):
+  """Tests the selected model of every seed; writes results.json/.md and the predictions.
+  `timing`: seconds of this invocation by phase (setup, train, evaluate, checkpoint)."""
+  report_start = time.time()
   config = run.config
   task = config.dataset.task
   best_valid_preds, best_test_preds = (_selected_predictions(run, progress, split)
@@ -544,6 +550,7 @@ def _final_report(run, progress, start_time):
       "valid_summary": reporting.summarize_seeds(valid),
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
+      "timing_s": {**timing, "report": time.time() - report_start},
   }
   if run.swept is not None:  # a loss-weight sweep: each run's weights and name
     results["loss_weights"] = _host_weights(run)
@@ -609,6 +616,10 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
                                   enabled=config.log.progress_bar and primary,
                                   interval=config.log.progress_interval_s)
       done_steps = 0
+      # Seconds of this invocation by phase (results.json "timing_s"); "setup" is everything
+      # before the first epoch: reading the data, restoring or initialising, compiling the init.
+      timing = {"setup": time.time() - start_time, "train": 0.0, "evaluate": 0.0,
+                "checkpoint": 0.0}
       # ------------------------------------------------------------- epochs
       for epoch in range(progress.epoch + 1, num_epochs + 1):
         if not progress.sched["active"].any():
@@ -617,7 +628,9 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
         train_means, done_steps = _train_epoch(run, progress, epoch, stop=stop, bar=bar,
                                                done_steps=done_steps)
         record = _end_epoch(run, progress, epoch, train_means,
-                            seconds=time.time() - epoch_start)
+                            train_seconds=time.time() - epoch_start, start=epoch_start)
+        timing["train"] += record["timing_s"]["train"]
+        timing["evaluate"] += record["timing_s"]["evaluate"]
         if log is not None:
           log.write(record)
         tb.write(epoch, _tensorboard_scalars(record, run.run_names))
@@ -626,15 +639,19 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
             epoch, num_epochs, train_loss=train_means["total"], valid=record["valid"],
             test=record["test"], lr=record["lr"], active=progress.sched["active"],
             family=run.family, seconds=record["time_s"]))
+        save_start = time.time()
         _save(run, progress, ckpt)
+        timing["checkpoint"] += time.time() - save_start
         committed = True
         if distributed.any_process(stop.requested, f"stop/{epoch}/saved"):
           ckpt.wait()
           raise Interrupted(f"interrupted after epoch {epoch} (saved); rerun the same "
                             f"command to resume")
+      save_start = time.time()
       ckpt.wait()
+      timing["checkpoint"] += time.time() - save_start
       # ------------------------------------------------------------- report
-      return _final_report(run, progress, start_time)
+      return _final_report(run, progress, start_time, timing)
     except BaseException:
       if created and not committed and primary:  # nothing worth keeping: leave no half-made
         # workdir (with several processes, process 0 alone removes it)

@@ -174,7 +174,7 @@ def _outcome(workdir, build=fake_model.fake_build):
 def _read_outcome(workdir):
   config = evaluate_lib.run_config(str(workdir))
   results = json.load(open(os.path.join(workdir, "results.json")))
-  results.pop("wall_time_s")
+  results.pop("wall_time_s"), results.pop("timing_s")
   evaluated = evaluate_lib.evaluate(config, str(workdir), split="test")["per_seed"]
   path = evaluate_lib.predict(config, str(workdir), split="valid",
                               output=os.path.join(workdir, "p.csv"))
@@ -229,7 +229,7 @@ def test_sigkill_at_four_points_then_resume_equals_uninterrupted_run(straight, t
 
 def _epoch_records(workdir):
   """metrics.jsonl without its wall times."""
-  return [{k: v for k, v in json.loads(l).items() if k != "time_s"}
+  return [{k: v for k, v in json.loads(l).items() if k not in ("time_s", "timing_s")}
           for l in open(os.path.join(workdir, "metrics.jsonl"))]
 
 
@@ -594,7 +594,7 @@ def damaged_reruns(straight, tmp_path_factory):
 def _report(workdir):
   """What a finished run wrote: results.json (no wall time), the epoch records, predictions."""
   results = json.load(open(os.path.join(workdir, "results.json")))
-  results.pop("wall_time_s")
+  results.pop("wall_time_s"), results.pop("timing_s")
   return (results, _epoch_records(workdir),
           list(csv.reader(open(os.path.join(workdir, "predictions_test.csv")))))
 

@@ -92,11 +92,11 @@ def _outputs(workdir):
   JSON and the CRC32 of every array (from the manifest process 0 wrote)."""
   with open(os.path.join(workdir, "results.json")) as f:
     results = json.load(f)
-  results.pop("wall_time_s")
+  results.pop("wall_time_s"), results.pop("timing_s")
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
     metrics = [json.loads(line) for line in f if line.strip()]
   for record in metrics:
-    record.pop("time_s")
+    record.pop("time_s"), record.pop("timing_s")
   with open(os.path.join(workdir, "predictions_test.csv")) as f:
     predictions = f.read()
   checkpoints = {}

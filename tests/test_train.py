@@ -96,6 +96,23 @@ def test_report_and_logs(trained):
 
 
 @pytest.mark.slow
+def test_timing_says_where_the_run_spent_its_time(trained):
+  _, workdir, results, _ = trained
+  timing = results["timing_s"]
+  assert set(timing) == {"setup", "train", "evaluate", "checkpoint", "report"}
+  assert all(timing[k] > 0 for k in timing), timing
+  # The phases cover the run but for log and TensorBoard writes.
+  assert 0.8 * results["wall_time_s"] <= sum(timing.values()) <= results["wall_time_s"]
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  for record in records:
+    assert record["timing_s"]["train"] + record["timing_s"]["evaluate"] == pytest.approx(
+        record["time_s"], abs=1e-6)
+  assert sum(r["timing_s"]["train"] for r in records) == pytest.approx(timing["train"])
+  assert sum(r["timing_s"]["evaluate"] for r in records) == pytest.approx(timing["evaluate"])
+  assert "(set-up " in open(os.path.join(workdir, "results.md")).read()
+
+
+@pytest.mark.slow
 def test_evaluate_and_predict_match_training_report(trained):
   config, workdir, results, _ = trained
   evaluated = evaluate_lib.evaluate(config, workdir, split="test", which="best")
