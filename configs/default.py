@@ -211,6 +211,12 @@ def get_config():
   # docs/performance.md); "auto": "scan" on a CPU, "vmap" on a GPU or TPU. Both give the same
   # update up to float rounding.
   config.train.accumulate = "auto"
+  # How the seeds (and a sweep's runs) share one program: "vmap" (batched: one large operation
+  # per layer for all seeds) or "scan" (one seed after another; on a 2-core CPU faster in
+  # training and evaluation, and one seed's activations in memory at a time:
+  # docs/performance.md); "auto": "scan" on a CPU, "vmap" on a GPU or TPU. The same numbers up to
+  # float rounding.
+  config.train.seed_compute = "auto"
   # PRNG of the dropout masks: "threefry" (identical on any number of devices) or "rbg" (XLA's
   # RngBitGenerator: far cheaper per number, which matters for unaligned data's (B, h, T, T)
   # attention-dropout masks; masks then depend on the sharding).
@@ -344,6 +350,7 @@ RULES = {
     "train.update_epochs": Int(1),
     "train.grad_clip_value": Real(),
     "train.accumulate": OneOf("auto", "vmap", "scan"),
+    "train.seed_compute": OneOf("auto", "vmap", "scan"),
     "train.dropout_rng": OneOf("threefry", "rbg"),
     "train.plateau_factor": Real(0.0, 1.0, low_open=True, high_closed=True),
     "train.plateau_patience": Int(0),

@@ -339,7 +339,8 @@ def missing_modality(config, model, stacked_params, arrays, *, batch_size: Optio
      `stats.comparison_rows` of the conditions against "L+V+A" with accuracies and F1 in percent
      (`as_percent`) (diff = condition - full: the drop, with its 95% CI and p over seeds)}.
   """
-  predict = steps.make_predict(model, batch_size=batch_size or config.train.eval_batch_size)
+  predict = steps.make_predict(model, batch_size=batch_size or config.train.eval_batch_size,
+                               seed_compute=config.train.seed_compute)
   labels = np.asarray(arrays["label"])
   per_seed, predictions = {}, {}
   conditions = missing_conditions()

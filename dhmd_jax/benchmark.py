@@ -48,6 +48,10 @@ _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed chunks per case (the best i
 _ACCUMULATE = flags.DEFINE_enum(
     "accumulate", None, ["auto", "scan", "vmap"],
     "config.train.accumulate for the step (default: the config's, as the trainer runs it).")
+_SEED_COMPUTE = flags.DEFINE_enum(
+    "seed_compute", None, ["auto", "scan", "vmap"],
+    "config.train.seed_compute: how the seeds of a case share the program (default: the "
+    "config's, as the trainer runs it).")
 _UPDATE_EPOCHS = flags.DEFINE_integer(
     "update_epochs", 1, "Micro-batches per optimizer step (the reference protocol uses 10; "
     "its per-step figures are for 1). samples/s counts every micro-batch.")
@@ -96,6 +100,8 @@ def make_config(variant):
     config.train.accumulate = "scan"  # as the BERT configs train (configs/mosei.py use_bert)
   if _ACCUMULATE.value is not None:
     config.train.accumulate = _ACCUMULATE.value
+  if _SEED_COMPUTE.value is not None:
+    config.train.seed_compute = _SEED_COMPUTE.value
   return validation.validate(config)
 
 
@@ -168,6 +174,7 @@ class CaseResult:
   cpu_peak_fraction: float | None
   text_encoder: str = "features"
   params: int = 0  # parameters of one seed's model
+  seed_compute: str = ""  # resolved train.seed_compute
 
 
 @dataclasses.dataclass
@@ -199,7 +206,8 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
   dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
   sample = jax.tree.map(lambda a: a[:batch], data)
   states = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))(keys)
-  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model),
+                                   seed_compute=config.train.seed_compute)
   index = steps.epoch_index(keys, 1, num_samples=num, batch_size=batch, num_steps=num_steps,
                             micro_per_step=micro)
   return Chunk(run_chunk, states, jnp.ones(num_seeds, bool), data, index,
@@ -240,7 +248,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   achieved = flops * num_seeds / (best / num_steps)
   fraction = achieved / peak if (peak and jax.default_backend() == "cpu") else None
 
-  predict = steps.make_predict(model, batch_size=_EVAL_BATCH.value)
+  predict = steps.make_predict(model, batch_size=_EVAL_BATCH.value,
+                               seed_compute=config.train.seed_compute)
   eval_data = jax.device_put(synthetic_arrays(layout, _EVAL_SAMPLES.value, seed=1,
                                               text_encoder=config.model.text_encoder))
   jax.block_until_ready(predict(states.params, eval_data))
@@ -256,7 +265,8 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     _EVAL_BATCH.value, fraction, text_encoder=config.model.text_encoder,
-                    params=sum(int(x.size) for x in jax.tree.leaves(one_state.params)))
+                    params=sum(int(x.size) for x in jax.tree.leaves(one_state.params)),
+                    seed_compute=steps.resolve_seed_compute(config.train.seed_compute))
 
 
 def environment():
@@ -279,15 +289,16 @@ def markdown(results, env):
            # New columns go at the end: a side-by-side harness reads columns 6-8 (compile s,
            # ms/step, samples/s).
            "| model | layout | batch | micro-batches/step | seeds | compile s | ms/step "
-           "| samples/s | GFLOP/step | % CPU peak | eval samples/s | text | parameters |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| samples/s | GFLOP/step | % CPU peak | eval samples/s | text | parameters "
+           "| seeds computed |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in results:
     frac = "" if r["cpu_peak_fraction"] is None else f"{100 * r['cpu_peak_fraction']:.1f}"
     lines.append(f"| {r['variant']} | {r['layout']} | {r['batch']} | "
                  f"{r['micro_batches']} | {r['seeds']} | "
                  f"{r['compile_s']:.1f} | {r['ms_per_step']:.1f} | {r['samples_per_s']:.1f} | "
                  f"{r['step_gflops']:.2f} | {frac} | {r['eval_samples_per_s']:.0f} | "
-                 f"{r['text_encoder']} | {r['params']:,} |")
+                 f"{r['text_encoder']} | {r['params']:,} | {r['seed_compute']} |")
   return "\n".join(lines)
 
 

@@ -151,7 +151,8 @@ def _predict(config, workdir, split, which):
   dataset, model, params, _ = restore_params(config, workdir, which)
   arrays = data_lib.split_arrays(dataset.splits[split], config.dataset.task,
                                  text_encoder=config.model.text_encoder)
-  predict = steps.make_predict(model, batch_size=config.train.eval_batch_size)
+  predict = steps.make_predict(model, batch_size=config.train.eval_batch_size,
+                               seed_compute=config.train.seed_compute)
   preds = np.asarray(predict(params, jax.device_put(arrays)))
   return dataset, arrays["label"], preds
 

@@ -4,9 +4,10 @@
 optimizer step's micro-batches (leading axis `update_epochs`) and an RNG key. Around it:
 
 - `run_chunk` scans `train_step` over several steps, gathering each step's micro-batches from
-  training arrays that stay on the device (no host synchronisation per step), and is
-  `jax.vmap`-ed over seeds: every seed has its own parameters, optimizer state, learning rate,
-  data order and dropout keys, and a seed that early-stopped simply keeps its state.
+  training arrays that stay on the device (no host synchronisation per step), for every seed in
+  one program (`jax.vmap`-ed, or one seed after another: `train.seed_compute`): every seed has
+  its own parameters, optimizer state, learning rate, data order and dropout keys, and a seed
+  that early-stopped simply keeps its state.
 - `predict` runs the deterministic model over a padded split, for every seed at once.
 
 Gradient accumulation follows the DMD code's training loop exactly (docs/training.md): the
@@ -74,6 +75,33 @@ def resolve_accumulate(mode):
   if mode != "auto":
     return mode
   return "scan" if jax.default_backend() == "cpu" else "vmap"
+
+
+def resolve_seed_compute(mode):
+  """`train.seed_compute` with "auto" resolved: "scan" on a CPU (the seeds one after another
+  inside one program: on a 2-core CPU faster than "vmap", whose batched per-seed products run
+  below one seed's speed, and with one seed's activations in memory at a time; see
+  docs/performance.md), "vmap" on a GPU or TPU (one batched program)."""
+  if mode != "auto":
+    return mode
+  return "scan" if jax.default_backend() == "cpu" else "vmap"
+
+
+def over_seeds(fn, mode, in_axes):
+  """`fn` over the leading (seed) axis of the arguments whose `in_axes` entry is 0, the others
+  shared: `jax.vmap` ("vmap") or `jax.lax.map` ("scan", one seed after another; the body is
+  traced and compiled once). Outputs stack along a new leading axis either way."""
+  if mode == "vmap":
+    return jax.vmap(fn, in_axes=in_axes)
+  if mode != "scan":
+    raise ValueError(f"seed_compute must be 'vmap' or 'scan', got {mode!r}")
+
+  def mapped(*args):
+    def one(per_seed):
+      per_seed = iter(per_seed)
+      return fn(*[next(per_seed) if axis == 0 else a for a, axis in zip(args, in_axes)])
+    return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
+  return mapped
 
 
 def make_train_step(config, model):
@@ -154,8 +182,9 @@ def gather(data, index):
   return jax.tree.map(lambda a: jnp.take(a, index, axis=0), data)
 
 
-def make_run_chunk(train_step, mesh=None):
-  """Jitted: scan `train_step` over K steps for all seeds at once.
+def make_run_chunk(train_step, mesh=None, *, seed_compute="auto"):
+  """Jitted: scan `train_step` over K steps for all seeds in one program (`seed_compute`:
+  "vmap" all at once, "scan" one after another, "auto" as `resolve_seed_compute`).
 
   Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
     states: stacked TrainState (leading axis S); donated.
@@ -187,7 +216,8 @@ def make_run_chunk(train_step, mesh=None):
   # Outputs replicated over the mesh, the layout the caller gives the inputs: a chunk's output
   # state is the next chunk's input, and any change of sharding would recompile the step.
   out_shardings = None if mesh is None else parallel.replicated(mesh)
-  return jax.jit(jax.vmap(run_one_seed, in_axes=(0, 0, None, 0, None, 0, 0)), donate_argnums=0,
+  return jax.jit(over_seeds(run_one_seed, resolve_seed_compute(seed_compute),
+                            in_axes=(0, 0, None, 0, None, 0, 0)), donate_argnums=0,
                  out_shardings=out_shardings)
 
 
@@ -208,19 +238,22 @@ def epoch_index(order_keys, epoch, *, num_samples, batch_size, num_steps, micro_
   return jax.vmap(one)(order_keys)
 
 
-def make_predict(model, *, batch_size, mesh=None):
-  """`predict(stacked_params, data) -> (S, N, O)` deterministic predictions of every seed.
+def make_predict(model, *, batch_size, mesh=None, seed_compute="auto"):
+  """`predict(stacked_params, data) -> (S, N, O)` deterministic predictions of every seed (the
+  seeds computed as `seed_compute` says, see `make_run_chunk`).
 
   One jitted batch function serves every split (its shapes do not depend on N, so valid, test
   and any other split share one compilation); a short host loop walks the batches, padding the
   last one with real rows whose outputs are dropped.
   """
 
+  mode = resolve_seed_compute(seed_compute)
+
   @jax.jit
   def predict_batch(params, batch):
     batch = parallel.constrain_batch(batch, mesh, batch_axis=0)
     apply = lambda p: model.apply({"params": p}, batch, deterministic=True)["prediction"]
-    return jax.vmap(apply)(params)  # (S, batch_size, O)
+    return over_seeds(apply, mode, in_axes=(0,))(params)  # (S, batch_size, O)
 
   def predict(params, data):
     return map_in_batches(lambda batch: predict_batch(params, batch), data, batch_size, axis=1,

@@ -369,8 +369,9 @@ def _set_up(config, workdir, loss_weights=None):
       mesh=mesh, model=model, keys=seed_keys(seeds, config.train.dropout_rng),
       steps_per_epoch=steps_per_epoch,
       chunking=_chunking(steps_per_epoch, config.train.steps_per_chunk),
-      run_chunk=steps.make_run_chunk(train_step, mesh),
-      predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh),
+      run_chunk=steps.make_run_chunk(train_step, mesh, seed_compute=config.train.seed_compute),
+      predict=steps.make_predict(model, batch_size=config.train.eval_batch_size, mesh=mesh,
+                                 seed_compute=config.train.seed_compute),
       loss_weights=jax.device_put(run_loss_weights(config, len(seeds), run_weights),
                                   parallel.replicated(mesh)),
       swept=run_weights, run_names=run_names)

@@ -26,7 +26,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # ----------------------------------------------------------------------------- early stopping
 
 
-def _chunk_inputs(config, tmp_path, seeds):
+def _chunk_inputs(config, tmp_path, seeds, seed_compute="auto"):
   config.train.seeds = seeds
   dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
   model = fake_model.fake_build(config, dataset)
@@ -36,7 +36,8 @@ def _chunk_inputs(config, tmp_path, seeds):
   init = jax.jit(jax.vmap(lambda k: steps.init_state(config, model, sample, k)))
   index = steps.epoch_index(order_keys, 1, num_samples=96, batch_size=8, num_steps=3,
                             micro_per_step=2)
-  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model))
+  run_chunk = steps.make_run_chunk(steps.make_train_step(config, model),
+                                   seed_compute=seed_compute)
   weights = train_lib.run_loss_weights(config, len(seeds))
   return lambda active: run_chunk(init(init_keys), jnp.asarray(active), data, index,
                                   jnp.ones(3, bool), dropout_keys, weights), init(init_keys)
@@ -57,6 +58,42 @@ def test_a_stopped_seed_keeps_its_state_and_the_others_train_as_without_it(tmp_p
     for a, b in zip(jax.tree.leaves(one_off), jax.tree.leaves(all_on)):
       np.testing.assert_array_equal(np.asarray(a[s]), np.asarray(b[s]))
     assert not np.array_equal(flat(one_off, s), flat(initial, s))
+
+
+def test_seeds_one_after_another_train_and_predict_as_the_vmapped_seeds(tmp_path):
+  runs = {mode: _chunk_inputs(fake_model.fake_config(), tmp_path / mode, (1111, 1112, 1113),
+                              seed_compute=mode)[0] for mode in ("scan", "vmap")}
+  (scan_states, scan_metrics), (vmap_states, vmap_metrics) = (
+      runs[mode]([True, False, True]) for mode in ("scan", "vmap"))
+  for a, b in zip(jax.tree.leaves((scan_states, scan_metrics)),
+                  jax.tree.leaves((vmap_states, vmap_metrics))):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+  assert int(scan_states.step[1]) == 0 and int(scan_states.step[0]) == 3
+  config = fake_model.fake_config()
+  dataset = data_lib.load_dataset(config.dataset, workdir=str(tmp_path))
+  model = fake_model.fake_build(config, dataset)
+  data = data_lib.split_arrays(dataset.splits["valid"], "regression")
+  preds = {mode: np.asarray(steps.make_predict(model, batch_size=8, seed_compute=mode)(
+      scan_states.params, data)) for mode in ("scan", "vmap")}
+  assert preds["scan"].shape[0] == 3
+  np.testing.assert_allclose(preds["scan"], preds["vmap"], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(preds["scan"][0], preds["scan"][1])  # each seed its own parameters
+
+
+def test_the_trainer_computes_seeds_as_the_config_says(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  used, real = [], steps.over_seeds
+  monkeypatch.setattr(steps, "over_seeds",
+                      lambda fn, mode, in_axes: used.append(mode) or real(fn, mode, in_axes))
+  for mode in ("vmap", "scan"):
+    config = _short_config()
+    config.train.seed_compute = mode
+    used.clear()
+    train_lib.train_and_evaluate(config, str(tmp_path / mode))
+    assert len(used) >= 2 and set(used) == {mode}, (mode, used)  # train chunk, predictions
+  assert steps.resolve_seed_compute("auto") == "scan"  # this CPU
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert steps.resolve_seed_compute("auto") == "vmap"
 
 
 # ----------------------------------------------------------------------------- resume
