@@ -101,6 +101,7 @@ def over_seeds(fn, mode, in_axes):
       per_seed = iter(per_seed)
       return fn(*[next(per_seed) if axis == 0 else a for a, axis in zip(args, in_axes)])
     return jax.lax.map(one, tuple(a for a, axis in zip(args, in_axes) if axis == 0))
+  mapped.__name__ = mapped.__qualname__ = fn.__name__  # the program's name in logs and profiles
   return mapped
 
 
