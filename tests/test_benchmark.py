@@ -69,8 +69,9 @@ def test_a_case_runs_the_trainers_program_and_reports_consistent_numbers(tiny_be
 
 
 def test_markdown_keeps_the_columns_the_side_by_side_harness_reads():
-  """side_by_side.sh splits a `| dmd` row with awk -F'|' and reads $7, $8 and $9 as compile s,
-  ms/step and samples/s (awk's $N is Python's [N - 1]; new columns go at the end)."""
+  """Scripts that read the Markdown table split a `| dmd` row with awk -F'|' and take $7, $8 and
+  $9 as compile s, ms/step and samples/s (awk's $N is Python's [N - 1]; new columns go at the
+  end)."""
   row = dict(variant="dmd", layout="aligned", batch=16, micro_batches=1, seeds=1,
              compile_s=12.5, ms_per_step=230.31, samples_per_s=69.5, step_gflops=6.04,
              cpu_peak_fraction=0.079, eval_samples_per_s=378.0, text_encoder="features",
