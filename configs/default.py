@@ -111,7 +111,10 @@ def get_config():
   config.model.attention_query_block = 64
   # Recompute each transformer layer's activations in the backward pass instead of keeping them
   # (jax.checkpoint): the same numbers, less memory for long (unaligned) sequences, more compute.
-  config.model.remat = False
+  # "auto": on when two or more seeds are vmapped (train.seed_compute: their activations sit in
+  # memory side by side), off when they run one after another. The unaligned dataset configs
+  # set it. (A reference of type object: the field takes a bool or "auto".)
+  config.model.remat = ml_collections.FieldReference(False, field_type=object)
   # Speed only: how the stacked transformers (one parameter stack per kind) are computed. "vmap":
   # each kind as one vmapped computation, layers under lax.scan (few, large operations: compiles
   # in seconds; what a GPU wants); "grouped": the same vmapped groups, layers unrolled (compiles
@@ -310,7 +313,7 @@ RULES = {
         "relu_dropout", "res_dropout", "output_dropout")},
     "model.causal_mask": Bool(),
     "model.attention_query_block": Int(0),
-    "model.remat": Bool(),
+    "model.remat": Bool("auto"),
     "model.stack_compute": OneOf("auto", "vmap", "grouped", "loop"),
     "model.key_padding_mask": Bool(),
     "model.homo_self_attention": Bool(),

@@ -29,10 +29,11 @@ def get_config(variant="aligned"):
   config.model.attn_dropout_a = 0.0
   config.model.attn_dropout_v = 0.0
   config.model.output_dropout = 0.5
-  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass, so that
-  # five seeds of unaligned batches fit in the memory of a 24 GB machine, which they do not
-  # without (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers.
-  config.model.remat = variant == "unaligned"
+  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass when the
+  # seeds are vmapped (GPU/TPU), so that five seeds' activations fit in memory; with the seeds one
+  # after another (a CPU) one seed's fit without, and remat would only cost time
+  # (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers.
+  config.model.remat = "auto" if variant == "unaligned" else False
   if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
     default_lib.use_bert(config)
   return config

@@ -14,5 +14,5 @@ def get_config():
   config.dataset.path = "data/SIMS/Processed/unaligned_39.pkl"
   # Triplet classes for SIMS labels in [-1, 1]: the sign (round7 would collapse to 3 classes).
   config.loss.triplet_classes = "sign"
-  config.model.remat = True  # 400 audio frames: see configs/mosi.py (unaligned)
+  config.model.remat = "auto"  # 400 audio frames: see configs/mosi.py (unaligned)
   return config

@@ -59,9 +59,10 @@ _DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
                                  "config.train.dropout_rng for the step.")
 _QUERY_BLOCK = flags.DEFINE_integer(
     "attention_query_block", None, "config.model.attention_query_block (default: the config's).")
-_REMAT = flags.DEFINE_bool(
-    "remat", None, "config.model.remat: recompute transformer layers in the backward pass "
-    "(default: the config's).")
+_REMAT = flags.DEFINE_enum(
+    "remat", None, ["true", "false", "auto"],
+    "config.model.remat: recompute transformer layers in the backward pass; auto: when the "
+    "case's seeds are vmapped (default: the config's).")
 _STACK_COMPUTE = flags.DEFINE_enum(
     "stack_compute", None, ["auto", "vmap", "grouped", "loop"],
     "config.model.stack_compute (default: the config's).")
@@ -91,7 +92,7 @@ def make_config(variant):
   if _QUERY_BLOCK.value is not None:
     config.model.attention_query_block = _QUERY_BLOCK.value
   if _REMAT.value is not None:
-    config.model.remat = _REMAT.value
+    config.model.remat = {"true": True, "false": False}.get(_REMAT.value, _REMAT.value)
   if _STACK_COMPUTE.value is not None:
     config.model.stack_compute = _STACK_COMPUTE.value
   if _TEXT_ENCODER.value == "bert":
@@ -217,6 +218,7 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
 
 def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   config = make_config(variant)
+  config.train.seeds = tuple(range(1111, 1111 + num_seeds))  # model.remat="auto" reads them
   model = dhmd_model.build_model(config, num_outputs=1)
   micro = config.train.update_epochs
   chunk = make_chunk(config, model, layout, batch, num_seeds, num_steps)
@@ -259,9 +261,7 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
                     steps.resolve_accumulate(config.train.accumulate),
                     config.model.attention_query_block,
-                    config.model.remat,
-                    dhmd_model.resolve_stack_compute(config.model.stack_compute,
-                                                     config.model.remat),
+                    model.settings.remat, model.settings.stack_compute,
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     _EVAL_BATCH.value, fraction, text_encoder=config.model.text_encoder,

@@ -127,8 +127,24 @@ def run(command: Command, main: Callable[[list], Any], argv: Optional[list] = No
         "dhmd_jax.data", "DataError", "dhmd_jax.train", "TrainingError",
         "dhmd_jax.checkpoint", "CheckpointError", "dhmd_jax.workdir", "WriteError")):
       return _stop(f"error: {_one_line(error)}", 1)
+    if _out_of_memory(error):
+      return _stop(f"error: out of memory ({_first_line(error)}); {OUT_OF_MEMORY_ADVICE}", 1)
     raise
   return status if isinstance(status, int) else 0
+
+
+OUT_OF_MEMORY_ADVICE = (
+    "rerun with less to hold at once: --config.model.remat=True (training: the same numbers), "
+    "fewer seeds per run (train.seeds), a smaller train.eval_batch_size (predictions); "
+    "committed checkpoints are intact and a rerun resumes")
+
+
+def _out_of_memory(error):
+  """A host MemoryError, or XLA's RESOURCE_EXHAUSTED (a device allocation that failed)."""
+  jax_errors = sys.modules.get("jax.errors")
+  return isinstance(error, MemoryError) or (
+      jax_errors is not None and isinstance(error, jax_errors.JaxRuntimeError)
+      and str(error).startswith("RESOURCE_EXHAUSTED"))
 
 
 def _library_errors(*modules_and_names):

@@ -56,13 +56,19 @@ class OneOf:
 
 @dataclasses.dataclass(frozen=True)
 class Bool:
-  """True or False (not 0/1)."""
+  """True or False (not 0/1), or one of the strings given (e.g. Bool("auto"))."""
+  also: tuple
+
+  def __init__(self, *also):
+    object.__setattr__(self, "also", tuple(also))
 
   def ok(self, value):
-    return isinstance(value, bool)
+    return isinstance(value, bool) or (isinstance(value, str) and value in self.also)
 
   def describe(self):
-    return "True or False"
+    if not self.also:
+      return "True or False"
+    return "True, False or " + " or ".join(repr(a) for a in self.also)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,6 +75,20 @@ def test_the_librarys_errors_and_the_trainers_ctrl_c():
     toy(["--workdir=w"], raising(RuntimeError("a bug")))
 
 
+def test_running_out_of_memory_is_one_line_with_what_to_do():
+  import jax.errors  # pylint: disable=g-import-not-at-top
+  xla = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate "
+                                   "9.31GiB.\n  buffer assignment follows ...")
+  for error, what in ((xla, "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 9.31GiB."),
+                      (MemoryError(), "MemoryError")):
+    status, out, err, _ = toy(["--workdir=w"], raising(error))
+    assert (status, out) == (1, "") and err.splitlines() == [
+        f"error: out of memory ({what}); {cli.OUT_OF_MEMORY_ADVICE}"]
+    assert "--config.model.remat=True" in err
+  with pytest.raises(jax.errors.JaxRuntimeError):  # XLA's other errors keep their traceback
+    toy(["--workdir=w"], raising(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
+
+
 @pytest.mark.parametrize("argv,line", [
     (["--workdir", "--max_count=3"],  # absl would take the next flag as the folder
      "error: --workdir needs a value (--workdir=...), got '--max_count=3'"),

@@ -1,5 +1,6 @@
 """Dataset configs carry the paper's Table 1 and the DMD config values; overrides fail loudly."""
 
+import jax
 import pytest
 
 from configs import default
@@ -9,6 +10,9 @@ from configs import mustard
 from configs import sims
 from configs import synthetic
 from configs import urfunny
+from dhmd_jax.models import dhmd as dhmd_model
+from dhmd_jax.validation import ConfigError
+from dhmd_jax.validation import validate
 
 # (d, heads, layers, kernels (text, vision, audio)) from Table 1 / the DMD config (MOSEI audio 1).
 EXPECTED = {
@@ -48,6 +52,30 @@ def test_unaligned_variants_and_bad_variant():
   assert mosi.get_config("unaligned").dataset.path.endswith("unaligned_50.pkl")
   with pytest.raises(ValueError, match="aligned"):
     mosei.get_config("unalinged")
+
+
+@pytest.mark.parametrize("get", [lambda: mosei.get_config("unaligned"),
+                                 lambda: mosi.get_config("unaligned"), sims.get_config])
+def test_long_sequences_recompute_layers_only_when_the_seeds_are_vmapped(get, monkeypatch):
+  """model.remat="auto": on for two or more vmapped seeds (their activations side by side),
+  off when the seeds run one after another, as train.seed_compute="auto" has them on a CPU."""
+  config = get()
+  assert config.model.remat == "auto" and mosei.get_config("aligned").model.remat is False
+  settings = lambda c: dhmd_model.ModelSettings.from_config(c, num_outputs=1)
+  assert (settings(config).remat, settings(config).stack_compute) == (False, "loop")  # this CPU
+  config.train.seed_compute = "vmap"
+  assert (settings(config).remat, settings(config).stack_compute) == (True, "vmap")
+  config.train.seeds = (7,)  # one seed: nothing side by side
+  assert settings(config).remat is False
+  config.train.seeds, config.train.seed_compute = (1, 2), "auto"
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")  # seeds vmapped there
+  assert settings(config).remat is True
+  for value in (True, False):
+    config.model.remat = value
+    assert settings(config).remat is value
+  config.model.remat = "yes"
+  with pytest.raises(ConfigError, match=r"model\.remat.*True, False or 'auto'"):
+    validate(config)
 
 
 def test_embedded_default_is_synthetic_mosei_shaped():

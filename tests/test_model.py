@@ -219,6 +219,20 @@ def test_real_mosei_config():
   chex.assert_shape(shapes["homo_head_l"]["proj1"]["kernel"], (46 * 30, 30))
 
 
+@pytest.mark.parametrize("seed_compute,recomputed", [("vmap", True), ("scan", False)])
+def test_the_layers_recompute_as_model_remat_auto_resolves(seed_compute, recomputed):
+  """remat="auto" reaches the transformers resolved: the gradient's program recomputes the
+  layers (a `checkpoint`/`remat` primitive) with vmapped seeds only. Traced, not compiled."""
+  config = tiny_config(remat="auto")
+  config.train.seeds, config.train.seed_compute = (1, 2), seed_compute
+  model = build_model(config, num_outputs=1)
+  batch = make_batch(TINY_LENGTHS, TINY_DIMS)
+  params = random_params(abstract_init(model, batch)[0])
+  loss = lambda p: model.apply({"params": p}, batch, deterministic=True)["logits_c"].sum()
+  program = str(jax.make_jaxpr(jax.grad(loss))(params))
+  assert (" checkpoint[" in program or " remat" in program) is recomputed
+
+
 # ---------------------------------------------------------------- determinism, dropout, jit
 
 

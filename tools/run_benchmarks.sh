@@ -22,6 +22,6 @@ run vmap --variant=dmd --cases=aligned:16:1,aligned:64:1,unaligned:16:1 --steps=
 run vmap_5seeds --variant=dmd --cases=aligned:16:5 --steps=4 --repeats=2 --eval_samples=64 \
   --stack_compute=vmap
 run remat_unaligned_b64 --variant=dmd --cases=unaligned:64:1 --steps=2 --repeats=1 \
-  --eval_samples=64 --eval_batch_size=64 --remat
+  --eval_samples=64 --eval_batch_size=64 --remat=true
 run remat_unaligned_5seeds --variant=dmd --cases=unaligned:16:5 --steps=2 --repeats=1 \
-  --eval_samples=64 --eval_batch_size=64 --remat
+  --eval_samples=64 --eval_batch_size=64 --remat=true

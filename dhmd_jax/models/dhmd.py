@@ -76,6 +76,7 @@ class ModelSettings:
   dm: ml_collections.FrozenConfigDict
   num_outputs: int  # 1 (regression) or 2 (binary logits)
   stack_compute: str  # model.stack_compute with "auto" resolved: "vmap", "grouped" or "loop"
+  remat: bool = False  # model.remat with "auto" resolved
   bert: Optional[BertSettings] = None  # with model.text_encoder="bert": the BERT's architecture
 
   @classmethod
@@ -85,11 +86,12 @@ class ModelSettings:
       raise ValueError(f"num_outputs (build_model argument) = {num_outputs!r} is invalid: "
                        f"expected 1 (regression) or 2 (binary)")
     m = config.model
+    remat = resolve_remat(m.remat, config.get("train"))
     settings = cls(
         model=ml_collections.FrozenConfigDict(m),
         gd=ml_collections.FrozenConfigDict(config.gd),
         dm=ml_collections.FrozenConfigDict(config.dm), num_outputs=int(num_outputs),
-        stack_compute=resolve_stack_compute(m.stack_compute, m.remat))
+        stack_compute=resolve_stack_compute(m.stack_compute, remat), remat=remat)
     if m.text_encoder == "bert":  # reads and checks the checkpoint folder's headers
       settings = dataclasses.replace(settings, bert=bert_weights.settings_from_config(
           m.bert, pooler=m.unused_reference_layers))
@@ -100,6 +102,19 @@ class ModelSettings:
     """The Conv1d kernel sizes in model order (l, v, a)."""
     k = self.model.conv_kernel
     return (k.text, k.vision, k.audio)
+
+
+def resolve_remat(value, train=None) -> bool:
+  """config.model.remat with "auto" resolved from the config's `train` group: on when two or
+  more seeds are vmapped (`train.seed_compute`; their activations then sit in memory side by
+  side), off when the seeds run one after another (one seed's activations at a time; on a
+  2-core CPU remat then only costs time: docs/performance.md, "Memory of long sequences")."""
+  if value != "auto":
+    return bool(value)
+  from dhmd_jax import steps  # pylint: disable=g-import-not-at-top  (steps imports this module)
+  train = train or {}
+  num_seeds = len(tuple(train.get("seeds", ()))) or 1
+  return num_seeds > 1 and steps.resolve_seed_compute(train.get("seed_compute", "auto")) == "vmap"
 
 
 def resolve_stack_compute(value: str, remat: bool = False) -> str:
@@ -175,7 +190,7 @@ class DHMD(nn.Module):
         num_heads=cfg.num_heads, num_layers=layers, attn_dropout=tuple(attn_dropout),
         relu_dropout=cfg.relu_dropout, res_dropout=cfg.res_dropout,
         embed_dropout=cfg.embed_dropout, causal_mask=cfg.causal_mask,
-        query_block=cfg.attention_query_block, remat=cfg.remat,
+        query_block=cfg.attention_query_block, remat=self.settings.remat,
         compute=self.settings.stack_compute, name=name)
 
   def _attn_dropout(self, source: str) -> float:
