@@ -36,6 +36,7 @@ def holder(path, what="training"):
   proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(path), what], cwd=REPO,
                           stdout=subprocess.PIPE, text=True)
   assert proc.stdout.readline().strip() == "held"
+  proc.stdout.close()  # the child writes nothing more; an open pipe would leak its file
   return proc
 
 
@@ -59,9 +60,9 @@ def test_a_held_workdir_refuses_a_second_holder_until_the_first_is_killed(tmp_pa
     proc.wait()
   assert proc.returncode == -signal.SIGKILL
   # The killed holder's lock file is still there, naming it; the kernel released its lock.
-  assert json.load(open(tmp_path / workdir.LOCK_FILE))["pid"] == proc.pid
+  assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] == proc.pid
   with workdir.hold(str(tmp_path), "training"):
-    assert json.load(open(tmp_path / workdir.LOCK_FILE))["pid"] == os.getpid()
+    assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
     with workdir.hold(str(tmp_path), "training"):  # re-entrant within a process
       pass
     with workdir.reading(str(tmp_path), "evaluate") as beside:
