@@ -134,9 +134,9 @@ def run(command: Command, main: Callable[[list], Any], argv: Optional[list] = No
 
 
 OUT_OF_MEMORY_ADVICE = (
-    "rerun with less to hold at once: --config.model.remat=True (training: the same numbers), "
-    "fewer seeds per run (train.seeds), a smaller train.eval_batch_size (predictions); "
-    "committed checkpoints are intact and a rerun resumes")
+    "rerun with less to hold at once: model.remat=True (training: the same numbers), fewer seeds "
+    "per run (train.seeds), a smaller train.eval_batch_size (predictions); a training run "
+    "resumes from its last checkpoint")
 
 
 def _out_of_memory(error):

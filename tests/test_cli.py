@@ -84,7 +84,7 @@ def test_running_out_of_memory_is_one_line_with_what_to_do():
     status, out, err, _ = toy(["--workdir=w"], raising(error))
     assert (status, out) == (1, "") and err.splitlines() == [
         f"error: out of memory ({what}); {cli.OUT_OF_MEMORY_ADVICE}"]
-    assert "--config.model.remat=True" in err
+    assert "model.remat=True" in err
   with pytest.raises(jax.errors.JaxRuntimeError):  # XLA's other errors keep their traceback
     toy(["--workdir=w"], raising(jax.errors.JaxRuntimeError("INTERNAL: a bug")))
 
