@@ -265,9 +265,12 @@ def markdown_report(results):
     cells = [_cell(results["test"][m][i], m) for m in names]
     lines.append(f"| {seed} | {results['best_epoch'][i]} | " + " | ".join(cells) + " |")
   summary = results["test_summary"]
-  cells = [f"{_cell(summary[m]['mean'], m)} ± {_cell(summary[m]['std'], m)}" for m in names]
-  lines.append("| mean ± std | | " + " | ".join(cells) + " |")
-  lines.append("")
+  if len(results["seeds"]) > 1:
+    cells = [f"{_cell(summary[m]['mean'], m)} ± {_cell(summary[m]['std'], m)}" for m in names]
+    lines.append("| mean ± std | | " + " | ".join(cells) + " |")
+    lines.append("")
+  else:  # a standard deviation needs two seeds
+    lines += ["", "One seed: no mean ± std over seeds (train several with train.seeds).", ""]
   lines.append("Accuracies and F1 in %, MAE and Corr raw. "
                f"Wall time {results['wall_time_s']:.1f} s{_timing_note(results)}.")
   return "\n".join(lines) + "\n"

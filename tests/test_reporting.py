@@ -106,3 +106,14 @@ def test_json_is_strict_and_markdown_names_both_binary_variants(tmp_path):
   assert "| 1111 | 3 |" in text and "60.00 ± 14.14" in text
   assert math.isclose(results["test_summary"]["MAE"]["std"], 0.1 * math.sqrt(2))
   assert math.isnan(reporting.summarize_seeds({"MAE": [0.5]})["MAE"]["std"])
+
+
+def test_one_seeds_report_has_no_mean_and_std_row():
+  test = {m: [0.5] for m in metrics_lib.REPORTED["regression"]}
+  results = {"dataset": "mosei", "metric_family": "regression", "seeds": [1111],
+             "best_epoch": [3], "selection_metric": "MAE", "test": test,
+             "test_summary": reporting.summarize_seeds(test), "wall_time_s": 1.0}
+  text = reporting.markdown_report(results)
+  assert "| 1111 | 3 | 50.00 |" in text
+  assert "nan" not in text and "mean ± std |" not in text, text
+  assert "One seed: no mean ± std over seeds" in text
