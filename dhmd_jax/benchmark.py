@@ -197,12 +197,18 @@ class Chunk:
             self.loss_weights)
 
 
+def case_seeds(num_seeds):
+  """The seeds of a case: 1111, 1112, ... (the MMSA convention). The config's `train.seeds`
+  must hold them before the model is built (`model.remat="auto"` counts them)."""
+  return tuple(range(1111, 1111 + num_seeds))
+
+
 def make_chunk(config, model, layout, batch, num_seeds, num_steps):
   """Initial states of `num_seeds` seeds and a chunk of `num_steps` steps (the timed unit)."""
   micro = config.train.update_epochs
   num = max(batch * micro * num_steps, 256)
   data = jax.device_put(synthetic_arrays(layout, num, text_encoder=config.model.text_encoder))
-  seeds = list(range(1111, 1111 + num_seeds))
+  seeds = list(case_seeds(num_seeds))
   keys = jnp.stack([jax.random.key(s) for s in seeds])
   dropout_keys = train_lib.seed_keys(seeds, config.train.dropout_rng)[2]
   sample = jax.tree.map(lambda a: a[:batch], data)
@@ -218,7 +224,7 @@ def make_chunk(config, model, layout, batch, num_seeds, num_steps):
 
 def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   config = make_config(variant)
-  config.train.seeds = tuple(range(1111, 1111 + num_seeds))  # model.remat="auto" reads them
+  config.train.seeds = case_seeds(num_seeds)
   model = dhmd_model.build_model(config, num_outputs=1)
   micro = config.train.update_epochs
   chunk = make_chunk(config, model, layout, batch, num_seeds, num_steps)

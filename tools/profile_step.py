@@ -130,8 +130,9 @@ def main(argv):
   config = benchmark.make_config(_PVARIANT.value)
   if os.environ.get("STACK_COMPUTE"):
     config.model.stack_compute = os.environ["STACK_COMPUTE"]
-  model = dhmd_model.build_model(config, num_outputs=1)
   batch, num_steps, num_seeds = _BATCH.value, _PSTEPS.value, _SEEDS.value
+  config.train.seeds = benchmark.case_seeds(num_seeds)
+  model = dhmd_model.build_model(config, num_outputs=1)
   chunk = benchmark.make_chunk(config, model, _LAYOUT.value, batch, num_seeds, num_steps)
   # Compile once and run that executable, so the traced op names are those of this HLO text.
   compiled = chunk.run_chunk.lower(chunk.states, *chunk.args).compile()

@@ -113,8 +113,8 @@ def resolve_remat(value, train=None) -> bool:
     return bool(value)
   from dhmd_jax import steps  # pylint: disable=g-import-not-at-top  (steps imports this module)
   train = train or {}
-  num_seeds = len(tuple(train.get("seeds", ()))) or 1
-  return num_seeds > 1 and steps.resolve_seed_compute(train.get("seed_compute", "auto")) == "vmap"
+  several = len(tuple(train.get("seeds", ()))) > 1
+  return several and steps.resolve_seed_compute(train.get("seed_compute", "auto")) == "vmap"
 
 
 def resolve_stack_compute(value: str, remat: bool = False) -> str:
