@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import fcntl
 import hashlib
 import json
 import logging
@@ -45,6 +44,7 @@ import tempfile
 
 import numpy as np
 
+from dhmd_jax import lockfile
 from dhmd_jax import synthetic
 from dhmd_jax.names import MODALITIES
 from dhmd_jax.names import SPLITS
@@ -405,36 +405,19 @@ def _remove_replaced_user_caches(cache_dir):
 def _locked(cache_dir, *, wait):
   """Holds `<cache_dir>.lock` exclusively; yields True, or False when `wait` is False and
   another process holds it (or the file system has no flock). The lock file is removed on
-  release, so no lock file stays behind."""
+  release, so no lock file stays behind. OSError when the lock file cannot be created."""
   lock_path = os.path.abspath(cache_dir) + ".lock"
-  while True:
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except OSError:  # held by another process (non-blocking), or no flock here
-      os.close(fd)
-      fd = None
-      break
-    # The previous holder may have removed the file after this process opened it: then the
-    # lock is on a deleted file, and a third process may hold the new one. Lock the new one.
-    try:
-      current = os.path.samestat(os.fstat(fd), os.stat(lock_path))
-    except FileNotFoundError:
-      current = False
-    if current:
-      break
-    os.close(fd)
+  try:
+    fd, _ = lockfile.acquire(lock_path, wait=wait)
+  except lockfile.FlockFailed:  # no flock here: go on unlocked
+    fd = None
   if fd is None:
     yield False
     return
   try:
     yield True
   finally:
-    try:
-      os.unlink(lock_path)
-    except OSError:
-      pass
-    os.close(fd)
+    lockfile.release(lock_path, fd)
 
 
 def _remove_leftovers(cache_dir, *, wait):

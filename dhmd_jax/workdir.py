@@ -19,7 +19,6 @@ This module imports nothing heavy: the command line checks the lock before JAX i
 
 import contextlib
 import errno
-import fcntl
 import json
 import logging
 import os
@@ -27,6 +26,8 @@ import socket
 import sys
 import threading
 import time
+
+from dhmd_jax import lockfile
 
 _LOG = logging.getLogger(__name__)
 
@@ -113,25 +114,9 @@ def _try_lock(workdir, what):
   Raises OSError when the lock file cannot be opened or the file system has no flock.
   """
   path = _lock_path(workdir)
-  while True:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-      holder = _read_holder(fd) if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN) else None
-      os.close(fd)
-      if error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-        return None, holder
-      raise
-    # A holder removes the file when it ends; if that happened after this process opened it,
-    # the lock is on a removed file and a third process may hold the new one: lock that one.
-    try:
-      current = os.path.samestat(os.fstat(fd), os.stat(path))
-    except FileNotFoundError:
-      current = False
-    if current:
-      break
-    os.close(fd)
+  fd, holder = lockfile.acquire(path, wait=False, read_busy=_read_holder)
+  if fd is None:
+    return None, holder
   record = {"pid": os.getpid(), "host": socket.gethostname(), "what": what,
             "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "command": " ".join(sys.argv)[:300]}
@@ -143,12 +128,6 @@ def _try_lock(workdir, what):
   return fd, None
 
 
-def _release(path, fd):
-  try:
-    os.unlink(path)  # while still locked: no other process can be holding this file
-  except OSError:
-    pass
-  os.close(fd)
 
 
 @contextlib.contextmanager
@@ -201,7 +180,7 @@ def _let_go(path, held):
     held[1] -= 1
     if not held[1]:
       del _HELD[path]
-      _release(path, held[0])
+      lockfile.release(path, held[0])
 
 
 def hold(workdir, what, *, wait_for=None):

@@ -1,5 +1,6 @@
 """Tests of the data layer: every reader, masks, non-finite handling, the cache, every error."""
 
+import errno
 import fcntl
 import importlib.util
 import os
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from dhmd_jax import data
+from dhmd_jax import lockfile
 from dhmd_jax import synthetic
 from dhmd_jax.data import DataError
 
@@ -468,6 +470,26 @@ def test_leftovers_stay_while_another_process_holds_the_lock(tmp_path):
     assert all((tmp_path / n).is_dir() for n in _leftover_names("x.pkl.cache"))
   _load(path)
   assert sorted(os.listdir(tmp_path)) == ["x.pkl", "x.pkl.cache"]
+
+
+def test_a_file_system_without_flock_builds_the_cache_unlocked(tmp_path, monkeypatch):
+  path, _ = _tiny(tmp_path)
+  _load(path)
+  for name in _leftover_names("x.pkl.cache"):
+    (tmp_path / name).mkdir()
+  os.rename(path + ".cache", str(tmp_path / "elsewhere"))  # the next load builds again
+
+  def no_flock(fd, operation):
+    raise OSError(errno.ENOLCK, "No locks available")
+
+  monkeypatch.setattr(lockfile.fcntl, "flock", no_flock)
+  ds = _load(path)
+  assert ds.splits["train"].num_samples == 6
+  # The leftovers stay (unlocked, a build in progress elsewhere cannot be told apart from a
+  # killed one's), and so does the empty lock file that could not be locked.
+  assert sorted(os.listdir(tmp_path)) == sorted(["elsewhere", "x.pkl", "x.pkl.cache",
+                                                 "x.pkl.cache.lock"]
+                                                + _leftover_names("x.pkl.cache"))
 
 
 _KILLED_BUILD = """

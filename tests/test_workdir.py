@@ -17,6 +17,7 @@ import sys
 
 import pytest
 
+from dhmd_jax import lockfile
 from dhmd_jax import workdir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -24,6 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Holds the workdir argv[1] as argv[2] ("training", ...) until killed.
 HOLDER = r"""
 import sys, time
+from dhmd_jax import lockfile
 from dhmd_jax import workdir
 with workdir.hold(sys.argv[1], sys.argv[2]):
   print("held", flush=True)
@@ -104,7 +106,7 @@ def test_two_processes_racing_for_one_workdir_get_one_holder(tmp_path):
 def test_no_flock_on_the_file_system_is_a_warning_not_a_stop(tmp_path, monkeypatch, capsys):
   def no_flock(fd, operation):
     raise OSError(errno.ENOLCK, "No locks available")
-  monkeypatch.setattr(workdir.fcntl, "flock", no_flock)
+  monkeypatch.setattr(lockfile.fcntl, "flock", no_flock)
   with workdir.hold(str(tmp_path), "training"):
     pass
   err = capsys.readouterr().err.strip().splitlines()
