@@ -36,6 +36,12 @@ from dhmd_jax import train as train_lib
 from dhmd_jax import validation
 from dhmd_jax.models import dhmd as dhmd_model
 
+
+def _choices(field):
+  """The values the config schema allows for `field` (one list for the config and the flag)."""
+  return list(validation.rules()[field].choices)
+
+
 _CASES = flags.DEFINE_string(
     "cases", "aligned:16:1,aligned:64:1,unaligned:16:1,unaligned:64:1,"
     "aligned:16:5,aligned:64:5,unaligned:16:5,unaligned:64:5",
@@ -46,16 +52,16 @@ _VARIANT = flags.DEFINE_enum("variant", "both", ["dmd", "dhmd", "both"],
 _STEPS = flags.DEFINE_integer("steps", 10, "Steps per timed chunk.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed chunks per case (the best is reported).")
 _ACCUMULATE = flags.DEFINE_enum(
-    "accumulate", None, ["auto", "scan", "vmap"],
+    "accumulate", None, _choices("train.accumulate"),
     "config.train.accumulate for the step (default: the config's, as the trainer runs it).")
 _SEED_COMPUTE = flags.DEFINE_enum(
-    "seed_compute", None, ["auto", "scan", "vmap"],
+    "seed_compute", None, _choices("train.seed_compute"),
     "config.train.seed_compute: how the seeds of a case share the program (default: the "
     "config's, as the trainer runs it).")
 _UPDATE_EPOCHS = flags.DEFINE_integer(
     "update_epochs", 1, "Micro-batches per optimizer step (the reference protocol uses 10; "
     "its per-step figures are for 1). samples/s counts every micro-batch.")
-_DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", ["threefry", "rbg"],
+_DROPOUT_RNG = flags.DEFINE_enum("dropout_rng", "threefry", _choices("train.dropout_rng"),
                                  "config.train.dropout_rng for the step.")
 _QUERY_BLOCK = flags.DEFINE_integer(
     "attention_query_block", None, "config.model.attention_query_block (default: the config's).")
@@ -64,14 +70,14 @@ _REMAT = flags.DEFINE_enum(
     "config.model.remat: recompute transformer layers in the backward pass; auto: when the "
     "case's seeds are vmapped (default: the config's).")
 _STACK_COMPUTE = flags.DEFINE_enum(
-    "stack_compute", None, ["auto", "vmap", "grouped", "loop"],
+    "stack_compute", None, _choices("model.stack_compute"),
     "config.model.stack_compute (default: the config's).")
 _EVAL_SAMPLES = flags.DEFINE_integer("eval_samples", 1024,
                                      "Samples per seed in the evaluation-throughput pass.")
 _EVAL_BATCH = flags.DEFINE_integer(
     "eval_batch_size", 256, "Batch size of the evaluation pass (config.train.eval_batch_size).")
 _TEXT_ENCODER = flags.DEFINE_enum(
-    "text_encoder", "features", ["features", "bert"],
+    "text_encoder", "features", _choices("model.text_encoder"),
     "features: the precomputed 768-d text features; bert: text through a randomly initialised "
     "BERT of bert-base-uncased's size (12 layers, hidden 768; config.model.bert.random_arch) on "
     "text_bert ids, fine-tuned with the rest, as the DMD code trains it (no weights needed).")

@@ -96,6 +96,19 @@ def test_a_malformed_case_is_one_line_and_status_2():
       "unaligned, e.g. --cases=aligned:16:1,unaligned:64:5"]
 
 
+def test_the_flags_that_set_config_fields_offer_what_the_schema_allows():
+  """Each enum flag of the benchmark that sets a config field takes exactly the values the
+  config schema allows, so the two cannot drift apart."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from dhmd_jax import validation  # pylint: disable=g-import-not-at-top
+  for flag, field in [("accumulate", "train.accumulate"), ("seed_compute", "train.seed_compute"),
+                      ("dropout_rng", "train.dropout_rng"),
+                      ("stack_compute", "model.stack_compute"),
+                      ("text_encoder", "model.text_encoder")]:
+    allowed = validation.rules()[field].choices
+    assert sorted(flags.FLAGS[flag].parser.enum_values) == sorted(allowed), flag
+
+
 def _profile_tool():
   """tools/profile_step.py as a module (loaded once: it defines absl flags)."""
   if "profile_step" not in sys.modules:
