@@ -118,7 +118,8 @@ def get_config():
   # Speed only: how the stacked transformers (one parameter stack per kind) are computed. "vmap":
   # each kind as one vmapped computation, layers under lax.scan (few, large operations: compiles
   # in seconds; what a GPU wants); "grouped": the same vmapped groups, layers unrolled (compiles
-  # several times faster than "loop", each CPU step slower); "loop": branch by branch, layers
+  # in about half the time of "loop", each CPU step slower: docs/performance.md, "Stack
+  # computations"); "loop": branch by branch, layers
   # unrolled (the same numbers; the CPU runtime overlaps the independent small operations on its
   # cores); "auto": "loop" on a CPU, "vmap" on GPU/TPU and whenever remat is on (only then does
   # remat bound the memory).
