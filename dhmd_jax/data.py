@@ -405,7 +405,8 @@ def _remove_replaced_user_caches(cache_dir):
 def _locked(cache_dir, *, wait):
   """Holds `<cache_dir>.lock` exclusively; yields True, or False when `wait` is False and
   another process holds it (or the file system has no flock). The lock file is removed on
-  release, so no lock file stays behind. OSError when the lock file cannot be created."""
+  release, so no lock file stays behind (on a file system without flock, the empty one that
+  could not be locked stays). OSError when the lock file cannot be created."""
   lock_path = os.path.abspath(cache_dir) + ".lock"
   try:
     fd, _ = lockfile.acquire(lock_path, wait=wait)

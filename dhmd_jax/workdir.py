@@ -128,8 +128,6 @@ def _try_lock(workdir, what):
   return fd, None
 
 
-
-
 @contextlib.contextmanager
 def _holding(workdir, what, *, share, wait_for=None):
   """Holds the workdir's lock for the block (re-entrant in one process); yields None, or, with

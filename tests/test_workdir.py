@@ -25,7 +25,6 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Holds the workdir argv[1] as argv[2] ("training", ...) until killed.
 HOLDER = r"""
 import sys, time
-from dhmd_jax import lockfile
 from dhmd_jax import workdir
 with workdir.hold(sys.argv[1], sys.argv[2]):
   print("held", flush=True)
