@@ -152,7 +152,9 @@ class _DropFailedOrbaxReads(py_logging.Filter):
   (`async_deserialize`, `_read_array_index_and_device_put`) and tensorstore's OCDBT reads of a
   damaged checkpoint: the same noise as the one `_DropClosedLoopCallbacks` drops, when the
   failed read is a task or future collected by asyncio rather than a bare coroutine. The restore
-  already reported the damage in one line."""
+  already reported the damage in one line. Likewise a tensorstore write that failed at the OS
+  level (a full or read-only disk) while another write of the same save had already failed it:
+  the save reports the failure in one line."""
 
   def filter(self, record):
     message = record.getMessage()
@@ -162,7 +164,8 @@ class _DropFailedOrbaxReads(py_logging.Filter):
                   and f"{os.sep}serialization{os.sep}" in message)  # a read coroutine of orbax
     tensorstore_read = (("Error reading" in message and "in OCDBT database" in message)
                         or "Encountered error while reading array index" in message)
-    return not (orbax_read or tensorstore_read)
+    tensorstore_write = "Error writing" in message and "os_error_code=" in message
+    return not (orbax_read or tensorstore_read or tensorstore_write)
 
 
 def _quiet_orbax():

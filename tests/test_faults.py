@@ -992,9 +992,10 @@ def test_a_checkpoint_removed_while_a_reader_reads_it_is_no_damage(straight, tmp
   assert capsys.readouterr().err == ""
 
 
-def test_asyncio_reports_of_failed_orbax_reads_are_dropped_and_others_kept():
-  """asyncio's "Task exception was never retrieved" for orbax's read of a damaged checkpoint is
-  noise after the one warning line; the same report for any other task still reaches stderr."""
+def test_asyncio_reports_of_failed_orbax_reads_and_writes_are_dropped_and_others_kept():
+  """asyncio's "Task exception was never retrieved" for orbax's read of a damaged checkpoint, or
+  for a tensorstore write that failed at the OS level in a save already reported as failed, is
+  noise after the one line; the same report for any other task still reaches stderr."""
   checkpoint._quiet_orbax()
   logger = logging.getLogger("asyncio")
   stream = io.StringIO()
@@ -1008,8 +1009,18 @@ def test_asyncio_reports_of_failed_orbax_reads_are_dropped_and_others_kept():
     logger.error("Future exception was never retrieved\nfuture: <Future finished exception="
                  "ValueError('OUT_OF_RANGE: Error reading \"x/0.0\" in OCDBT database at local "
                  "file ...')>")
+    # (the text tensorstore gives a write that a file-size limit stops)
+    logger.error("Future exception was never retrieved\nfuture: <Future finished exception="
+                 "ValueError('OUT_OF_RANGE: Error writing \"0\" in OCDBT database at local file "
+                 "\"/run/checkpoints/latest/3/arrays/\": Failed writing: ...: File too large "
+                 "[os_error_code=\\'27\\']')>")
+    logger.error("Future exception was never retrieved\nfuture: <Future finished exception="
+                 "ValueError('INTERNAL: Error writing \"0\": unexpected')>")
     logger.error("Task exception was never retrieved\nfuture: <Task finished coro=<mine() done>>")
   finally:
     logger.removeHandler(handler)
-  assert stream.getvalue() == ("Task exception was never retrieved\n"
+  assert stream.getvalue() == ("Future exception was never retrieved\n"
+                               "future: <Future finished exception=ValueError('INTERNAL: Error "
+                               "writing \"0\": unexpected')>\n"
+                               "Task exception was never retrieved\n"
                                "future: <Task finished coro=<mine() done>>\n")
