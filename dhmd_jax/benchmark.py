@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import mosei
+from dhmd_jax import auto
 from dhmd_jax import cli
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
@@ -271,14 +272,14 @@ def run_case(variant, layout, batch, num_seeds, num_steps, repeats):
   jax.block_until_ready(predict(states.params, eval_data))
   eval_rate = _EVAL_SAMPLES.value * num_seeds / (time.perf_counter() - start)
   return CaseResult(variant, config.train.dropout_rng, layout, batch, micro, num_seeds,
-                    steps.resolve_accumulate(config.train.accumulate),
+                    auto.accumulate(config.train.accumulate),
                     config.model.attention_query_block,
                     model.settings.remat, model.settings.stack_compute,
                     max(first - best, 0.0), ms_per_step,
                     batch * micro * num_seeds * 1e3 / ms_per_step, flops / 1e9, eval_rate,
                     _EVAL_BATCH.value, fraction, text_encoder=config.model.text_encoder,
                     params=sum(int(x.size) for x in jax.tree.leaves(one_state.params)),
-                    seed_compute=steps.resolve_seed_compute(config.train.seed_compute))
+                    seed_compute=auto.seed_compute(config.train.seed_compute))
 
 
 def environment():

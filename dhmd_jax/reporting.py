@@ -273,7 +273,18 @@ def markdown_report(results):
     lines += ["", "One seed: no mean ± std over seeds (train several with train.seeds).", ""]
   lines.append("Accuracies and F1 in %, MAE and Corr raw. "
                f"Wall time {results['wall_time_s']:.1f} s{_timing_note(results)}.")
+  if results.get("computed_as"):
+    lines += ["", _computed_as_note(results["computed_as"])]
   return "\n".join(lines) + "\n"
+
+
+def _computed_as_note(how):
+  """"Computed on cpu (1 device, cpu, jax 0.10.2): train.accumulate scan, ..." from
+  results["computed_as"]."""
+  switches = ", ".join(f"{k} {v}" for k, v in how.items() if "." in k)
+  devices = f"{how['devices']} device{'s' if how['devices'] != 1 else ''}"
+  return (f"Computed on {how['backend']} ({devices}, {how['device_kind']}, jax {how['jax']}): "
+          f"{switches}.")
 
 
 def _timing_note(results):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from dhmd_jax import auto
 from dhmd_jax import objective
 from dhmd_jax import parallel
 from dhmd_jax.models import bert_weights
@@ -68,25 +69,6 @@ def init_state(config, model, sample_batch, key):
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state)
 
 
-def resolve_accumulate(mode):
-  """`train.accumulate` with "auto" resolved: "scan" on a CPU (the micro-batches one after
-  another: 1.31x faster than "vmap" for the DMD protocol's ten on a 2-core CPU, see
-  docs/performance.md), "vmap" on a GPU or TPU (one batched program)."""
-  if mode != "auto":
-    return mode
-  return "scan" if jax.default_backend() == "cpu" else "vmap"
-
-
-def resolve_seed_compute(mode):
-  """`train.seed_compute` with "auto" resolved: "scan" on a CPU (the seeds one after another
-  inside one program: on a 2-core CPU faster than "vmap", whose batched per-seed products run
-  below one seed's speed, and with one seed's activations in memory at a time; see
-  docs/performance.md), "vmap" on a GPU or TPU (one batched program)."""
-  if mode != "auto":
-    return mode
-  return "scan" if jax.default_backend() == "cpu" else "vmap"
-
-
 def over_seeds(fn, mode, in_axes):
   """`fn` over the leading (seed) axis of the arguments whose `in_axes` entry is 0, the others
   shared: `jax.vmap` ("vmap") or `jax.lax.map` ("scan", one seed after another; the body is
@@ -113,7 +95,7 @@ def make_train_step(config, model):
   """
   tx = make_optimizer(config)
   clip = config.train.grad_clip_value
-  accumulate_mode = resolve_accumulate(config.train.accumulate)  # "vmap" or "scan"
+  accumulate_mode = auto.accumulate(config.train.accumulate)  # "vmap" or "scan"
 
   def loss_fn(params, micro, key, loss_weights=None):
     outputs = model.apply({"params": params}, micro, deterministic=False,
@@ -185,7 +167,7 @@ def gather(data, index):
 
 def make_run_chunk(train_step, mesh=None, *, seed_compute="auto"):
   """Jitted: scan `train_step` over K steps for all seeds in one program (`seed_compute`:
-  "vmap" all at once, "scan" one after another, "auto" as `resolve_seed_compute`).
+  "vmap" all at once, "scan" one after another, "auto" as `auto.seed_compute`).
 
   Arguments of the returned function (S seeds, K steps, U micro-batches, B batch size):
     states: stacked TrainState (leading axis S); donated.
@@ -217,7 +199,7 @@ def make_run_chunk(train_step, mesh=None, *, seed_compute="auto"):
   # Outputs replicated over the mesh, the layout the caller gives the inputs: a chunk's output
   # state is the next chunk's input, and any change of sharding would recompile the step.
   out_shardings = None if mesh is None else parallel.replicated(mesh)
-  return jax.jit(over_seeds(run_one_seed, resolve_seed_compute(seed_compute),
+  return jax.jit(over_seeds(run_one_seed, auto.seed_compute(seed_compute),
                             in_axes=(0, 0, None, 0, None, 0, 0)), donate_argnums=0,
                  out_shardings=out_shardings)
 
@@ -248,7 +230,7 @@ def make_predict(model, *, batch_size, mesh=None, seed_compute="auto"):
   last one with real rows whose outputs are dropped.
   """
 
-  mode = resolve_seed_compute(seed_compute)
+  mode = auto.seed_compute(seed_compute)
 
   @jax.jit
   def predict_batch(params, batch):

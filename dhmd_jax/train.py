@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dhmd_jax import auto
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
 from dhmd_jax import distributed
@@ -531,6 +532,16 @@ def _selected_predictions(run, progress, split):
   return parallel.to_host(run.predict(progress.best_params, run.device[split]))
 
 
+def computed_as(config):
+  """How this invocation computed the run: the backend, its devices, the JAX version and what
+  the config's "auto" switches became (`auto.resolve`). Results computed differently agree up
+  to float rounding; this says which way a report's numbers were computed."""
+  devices = jax.devices()
+  return {"backend": jax.default_backend(), "devices": len(devices),
+          "device_kind": devices[0].device_kind, "jax": jax.__version__,
+          **auto.resolve(config)}
+
+
 def _final_report(run, progress, start_time, timing):
   """Tests the selected model of every seed; writes results.json/.md and the predictions.
   `timing`: seconds of this invocation by phase (setup, train, evaluate, checkpoint)."""
@@ -552,6 +563,7 @@ def _final_report(run, progress, start_time, timing):
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
       "timing_s": {**timing, "report": time.time() - report_start},
+      "computed_as": computed_as(config),
   }
   if run.swept is not None:  # a loss-weight sweep: each run's weights and name
     results["loss_weights"] = _host_weights(run)

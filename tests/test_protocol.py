@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import fake_model
+from dhmd_jax import auto
 from dhmd_jax import data as data_lib
 from dhmd_jax import evaluate as evaluate_lib
 from dhmd_jax import metrics as metrics_lib
@@ -80,7 +81,8 @@ def test_seeds_one_after_another_train_and_predict_as_the_vmapped_seeds(tmp_path
   assert not np.allclose(preds["scan"][0], preds["scan"][1])  # each seed its own parameters
 
 
-def test_the_trainer_computes_seeds_as_the_config_says(tmp_path, monkeypatch):
+def test_the_trainer_computes_seeds_as_the_config_says_and_its_report_says_so(tmp_path,
+                                                                                monkeypatch):
   monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
   used, real = [], steps.over_seeds
   monkeypatch.setattr(steps, "over_seeds",
@@ -89,11 +91,21 @@ def test_the_trainer_computes_seeds_as_the_config_says(tmp_path, monkeypatch):
     config = _short_config()
     config.train.seed_compute = mode
     used.clear()
-    train_lib.train_and_evaluate(config, str(tmp_path / mode))
+    results = train_lib.train_and_evaluate(config, str(tmp_path / mode))
     assert len(used) >= 2 and set(used) == {mode}, (mode, used)  # train chunk, predictions
-  assert steps.resolve_seed_compute("auto") == "scan"  # this CPU
+    assert results["computed_as"] == {
+        "backend": "cpu", "devices": 1, "device_kind": "cpu", "jax": jax.__version__,
+        "train.accumulate": "scan", "train.seed_compute": mode, "model.remat": False,
+        "model.stack_compute": "vmap"}  # (set by configs/tiny.py)
+    with open(tmp_path / mode / "results.json") as f:
+      assert json.load(f)["computed_as"] == results["computed_as"]
+    report = (tmp_path / mode / "results.md").read_text()
+    assert report.endswith(f"\n\nComputed on cpu (1 device, cpu, jax {jax.__version__}): "
+                           f"train.accumulate scan, train.seed_compute {mode}, model.remat "
+                           f"False, model.stack_compute vmap.\n"), report[-300:]
+  assert auto.seed_compute("auto") == "scan"  # this CPU
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert steps.resolve_seed_compute("auto") == "vmap"
+  assert auto.seed_compute("auto") == "vmap"
 
 
 # ----------------------------------------------------------------------------- resume

@@ -17,6 +17,7 @@ import pytest
 
 import fake_model
 from configs import tiny
+from dhmd_jax import auto
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
 from dhmd_jax import evaluate as evaluate_lib
@@ -307,10 +308,10 @@ def test_resume_reads_the_checkpoint_without_initialising(tmp_path, monkeypatch)
 
 
 def test_accumulate_auto_is_scan_on_a_cpu_and_vmap_on_an_accelerator(monkeypatch):
-  assert steps.resolve_accumulate("vmap") == "vmap"
-  assert steps.resolve_accumulate("scan") == "scan"
+  assert auto.accumulate("vmap") == "vmap"
+  assert auto.accumulate("scan") == "scan"
   assert jax.default_backend() == "cpu"
-  assert steps.resolve_accumulate("auto") == "scan"
+  assert auto.accumulate("auto") == "scan"
   for backend in ("gpu", "tpu"):
     monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
-    assert steps.resolve_accumulate("auto") == "vmap"
+    assert auto.accumulate("auto") == "vmap"

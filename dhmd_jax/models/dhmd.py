@@ -46,6 +46,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from dhmd_jax import auto
 from dhmd_jax import validation
 from dhmd_jax.data import DataError
 from dhmd_jax.models import bert_weights
@@ -86,12 +87,12 @@ class ModelSettings:
       raise ValueError(f"num_outputs (build_model argument) = {num_outputs!r} is invalid: "
                        f"expected 1 (regression) or 2 (binary)")
     m = config.model
-    remat = resolve_remat(m.remat, config.get("train"))
+    remat = auto.remat(m.remat, config.get("train"))
     settings = cls(
         model=ml_collections.FrozenConfigDict(m),
         gd=ml_collections.FrozenConfigDict(config.gd),
         dm=ml_collections.FrozenConfigDict(config.dm), num_outputs=int(num_outputs),
-        stack_compute=resolve_stack_compute(m.stack_compute, remat), remat=remat)
+        stack_compute=auto.stack_compute(m.stack_compute, remat), remat=remat)
     if m.text_encoder == "bert":  # reads and checks the checkpoint folder's headers
       settings = dataclasses.replace(settings, bert=bert_weights.settings_from_config(
           m.bert, pooler=m.unused_reference_layers))
@@ -102,28 +103,6 @@ class ModelSettings:
     """The Conv1d kernel sizes in model order (l, v, a)."""
     k = self.model.conv_kernel
     return (k.text, k.vision, k.audio)
-
-
-def resolve_remat(value, train=None) -> bool:
-  """config.model.remat with "auto" resolved from the config's `train` group: on when two or
-  more seeds are vmapped (`train.seed_compute`; their activations then sit in memory side by
-  side), off when the seeds run one after another (one seed's activations at a time; on a
-  2-core CPU remat then only costs time: docs/performance.md, "Memory of long sequences")."""
-  if value != "auto":
-    return bool(value)
-  from dhmd_jax import steps  # pylint: disable=g-import-not-at-top  (steps imports this module)
-  train = train or {}
-  several = len(tuple(train.get("seeds", ()))) > 1
-  return several and steps.resolve_seed_compute(train.get("seed_compute", "auto")) == "vmap"
-
-
-def resolve_stack_compute(value: str, remat: bool = False) -> str:
-  """config.model.stack_compute with "auto" resolved: "loop" on a CPU without remat, else
-  "vmap" (with remat only the scanned layers bound the memory: XLA's CPU scheduler runs the
-  independent branches of "loop" side by side and their recomputed activations with them)."""
-  if value == "auto":
-    return "loop" if jax.default_backend() == "cpu" and not remat else "vmap"
-  return value
 
 
 def _read_batch(batch: Mapping[str, Any], kernels, text=None, text_mask=None):
