@@ -390,6 +390,15 @@ def parse_variant(variant, where):
   return layouts[0], use_bert
 
 
+def long_sequences(config):
+  """Unaligned data (375-500 frames): recompute the transformer layers in the backward pass when
+  the seeds are vmapped (GPU/TPU), so that five seeds' activations fit in memory; with the seeds
+  one after another (a CPU) one seed's fit without, and remat would only cost time
+  (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers."""
+  config.model.remat = "auto"
+  return config
+
+
 def use_bert(config):
   """The DMD code's text path (use_bert, use_finetune, pretrained bert-base-uncased): BERT on
   the `text_bert` ids, fine-tuned at the same learning rate, its output through text_dropout

@@ -29,11 +29,8 @@ def get_config(variant="aligned"):
   config.model.attn_dropout_a = 0.0
   config.model.attn_dropout_v = 0.0
   config.model.output_dropout = 0.5
-  # Unaligned (375-500 frames): recompute the transformer layers in the backward pass when the
-  # seeds are vmapped (GPU/TPU), so that five seeds' activations fit in memory; with the seeds one
-  # after another (a CPU) one seed's fit without, and remat would only cost time
-  # (docs/performance.md, "Memory of long sequences"). Speed only: the same numbers.
-  config.model.remat = "auto" if variant == "unaligned" else False
+  if variant == "unaligned":
+    default_lib.long_sequences(config)
   if bert:  # the DMD code's setting: bert-base-uncased fine-tuned from text_bert
     default_lib.use_bert(config)
   return config

@@ -5,6 +5,7 @@ Neither the DHMD paper nor the DMD code has SIMS settings; we use the MOSI model
 unaligned only.
 """
 
+from configs import default as default_lib
 from configs import mosi
 
 
@@ -14,5 +15,5 @@ def get_config():
   config.dataset.path = "data/SIMS/Processed/unaligned_39.pkl"
   # Triplet classes for SIMS labels in [-1, 1]: the sign (round7 would collapse to 3 classes).
   config.loss.triplet_classes = "sign"
-  config.model.remat = "auto"  # 400 audio frames: see configs/mosi.py (unaligned)
+  default_lib.long_sequences(config)  # 400 audio frames
   return config
