@@ -107,8 +107,8 @@ def get_config():
   # this many query rows, each over just the keys it can see (sequences up to this length are
   # one block; for unaligned MOSEI on a 2-core CPU each of 32, 64 and 128 steps more than twice
   # as fast as one block; 128 compiles 15-17 s faster than 64 and steps 7-9% slower, 32 compiles
-  # longest: docs/performance.md). 0 = one block always. The outputs are the same, and with threefry keys the dropout masks too (each
-  # element's draw depends on its coordinates only).
+  # longest: docs/performance.md). 0 = one block always. The outputs are the same, and with
+  # threefry keys the dropout masks too (each element's draw depends on its coordinates only).
   config.model.attention_query_block = 64
   # Recompute each transformer layer's activations in the backward pass instead of keeping them
   # (jax.checkpoint): the same numbers, less memory for long (unaligned) sequences, more compute.
