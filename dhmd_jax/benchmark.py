@@ -32,6 +32,7 @@ import numpy as np
 from configs import mosei
 from dhmd_jax import auto
 from dhmd_jax import cli
+from dhmd_jax import host
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
 from dhmd_jax import validation
@@ -292,13 +293,15 @@ def environment():
       "device_kind": jax.devices()[0].device_kind,
       "python": sys.version.split()[0], "platform": platform.platform(),
       "jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
-      "numpy": np.__version__, "cpu_count": os.cpu_count(),
+      "numpy": np.__version__, "cpu_count": os.cpu_count(), "cpu_model": host.cpu_model(),
+      "cpus_usable": host.cpus(),
       "cpu_peak_gflops": None if peak is None else peak / 1e9, "cpu_peak_basis": peak_text,
   }
 
 
 def markdown(results, env):
-  lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}", "",
+  lines = [f"Device: {env['device_kind']} ({env['backend']}), jax {env['jax']}; host "
+           f"{env['cpu_model']}, {env['cpus_usable']} CPUs", "",
            # New columns go at the end: a side-by-side harness reads columns 6-8 (compile s,
            # ms/step, samples/s).
            "| model | layout | batch | micro-batches/step | seeds | compile s | ms/step "

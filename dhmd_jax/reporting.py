@@ -279,12 +279,17 @@ def markdown_report(results):
 
 
 def _computed_as_note(how):
-  """"Computed on cpu (1 device, cpu, jax 0.10.2): train.accumulate scan, ..." from
-  results["computed_as"]."""
+  """"Computed on cpu (1 device, cpu, jax 0.10.2; host Intel Xeon, 2 CPUs): train.accumulate
+  scan, ..." from results["computed_as"] (reports written before the host was recorded have no
+  host part)."""
   switches = ", ".join(f"{k} {v}" for k, v in how.items() if "." in k)
   devices = f"{how['devices']} device{'s' if how['devices'] != 1 else ''}"
-  return (f"Computed on {how['backend']} ({devices}, {how['device_kind']}, jax {how['jax']}): "
-          f"{switches}.")
+  where = ""
+  if "host_cpu" in how:
+    cpus = how["host_cpus"]
+    where = f"; host {how['host_cpu']}, {cpus} CPU{'s' if cpus != 1 else ''}"
+  return (f"Computed on {how['backend']} ({devices}, {how['device_kind']}, jax {how['jax']}"
+          f"{where}): {switches}.")
 
 
 def _timing_note(results):

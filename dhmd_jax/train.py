@@ -38,6 +38,7 @@ from dhmd_jax import auto
 from dhmd_jax import checkpoint
 from dhmd_jax import data as data_lib
 from dhmd_jax import distributed
+from dhmd_jax import host
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import objective
 from dhmd_jax import parallel
@@ -533,13 +534,14 @@ def _selected_predictions(run, progress, split):
 
 
 def computed_as(config):
-  """How this invocation computed the run: the backend, its devices, the JAX version and what
-  the config's "auto" switches became (`auto.resolve`). Results computed differently agree up
-  to float rounding; this says which way a report's numbers were computed."""
+  """How this invocation computed the run: the backend, its devices, the JAX version, the host's
+  CPU model and the CPUs this process may use, and what the config's "auto" switches became
+  (`auto.resolve`). Results computed differently, or on another CPU, agree up to float
+  rounding; this says which way and where a report's numbers were computed."""
   devices = jax.devices()
   return {"backend": jax.default_backend(), "devices": len(devices),
           "device_kind": devices[0].device_kind, "jax": jax.__version__,
-          **auto.resolve(config)}
+          "host_cpu": host.cpu_model(), "host_cpus": host.cpus(), **auto.resolve(config)}
 
 
 def _final_report(run, progress, start_time, timing):

@@ -76,7 +76,9 @@ def test_markdown_keeps_the_columns_the_side_by_side_harness_reads():
              compile_s=12.5, ms_per_step=230.31, samples_per_s=69.5, step_gflops=6.04,
              cpu_peak_fraction=0.079, eval_samples_per_s=378.0, text_encoder="features",
              params=1667602, seed_compute="scan")
-  lines = benchmark.markdown([row], {"device_kind": "cpu", "backend": "cpu", "jax": "x"})
+  lines = benchmark.markdown([row], {"device_kind": "cpu", "backend": "cpu", "jax": "x",
+                                     "cpu_model": "Some CPU", "cpus_usable": 2})
+  assert lines.splitlines()[0] == "Device: cpu (cpu), jax x; host Some CPU, 2 CPUs"
   header = next(l for l in lines.splitlines() if l.startswith("| model"))
   line = next(l for l in lines.splitlines() if l.startswith("| dmd"))
   fields = [f.strip() for f in line.split("|")]

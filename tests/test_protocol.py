@@ -17,6 +17,7 @@ import fake_model
 from dhmd_jax import auto
 from dhmd_jax import data as data_lib
 from dhmd_jax import evaluate as evaluate_lib
+from dhmd_jax import host
 from dhmd_jax import metrics as metrics_lib
 from dhmd_jax import steps
 from dhmd_jax import train as train_lib
@@ -93,14 +94,18 @@ def test_the_trainer_computes_seeds_as_the_config_says_and_its_report_says_so(tm
     used.clear()
     results = train_lib.train_and_evaluate(config, str(tmp_path / mode))
     assert len(used) >= 2 and set(used) == {mode}, (mode, used)  # train chunk, predictions
+    cpu, cpus = host.cpu_model(), host.cpus()
+    assert cpu and cpu != "unknown" and cpus >= 1  # this Linux machine names its CPU
     assert results["computed_as"] == {
         "backend": "cpu", "devices": 1, "device_kind": "cpu", "jax": jax.__version__,
+        "host_cpu": cpu, "host_cpus": cpus,
         "train.accumulate": "scan", "train.seed_compute": mode, "model.remat": False,
         "model.stack_compute": "vmap"}  # (set by configs/tiny.py)
     with open(tmp_path / mode / "results.json") as f:
       assert json.load(f)["computed_as"] == results["computed_as"]
     report = (tmp_path / mode / "results.md").read_text()
-    assert report.endswith(f"\n\nComputed on cpu (1 device, cpu, jax {jax.__version__}): "
+    assert report.endswith(f"\n\nComputed on cpu (1 device, cpu, jax {jax.__version__}; "
+                           f"host {cpu}, {cpus} CPU{'s' if cpus != 1 else ''}): "
                            f"train.accumulate scan, train.seed_compute {mode}, model.remat "
                            f"False, model.stack_compute vmap.\n"), report[-300:]
   assert auto.seed_compute("auto") == "scan"  # this CPU

@@ -117,3 +117,14 @@ def test_one_seeds_report_has_no_mean_and_std_row():
   assert "| 1111 | 3 | 50.00 |" in text
   assert "nan" not in text and "mean ± std |" not in text, text
   assert "One seed: no mean ± std over seeds" in text
+
+
+def test_the_closing_line_names_the_host_and_reads_reports_written_before_it_was_recorded():
+  how = {"backend": "cpu", "devices": 1, "device_kind": "cpu", "jax": "0.10.2",
+         "train.accumulate": "scan", "model.remat": False}
+  assert reporting._computed_as_note(how) == (  # pylint: disable=protected-access
+      "Computed on cpu (1 device, cpu, jax 0.10.2): train.accumulate scan, model.remat False.")
+  how.update(host_cpu="AMD EPYC 7B13", host_cpus=1)
+  assert reporting._computed_as_note(how) == (  # pylint: disable=protected-access
+      "Computed on cpu (1 device, cpu, jax 0.10.2; host AMD EPYC 7B13, 1 CPU): "
+      "train.accumulate scan, model.remat False.")

@@ -45,6 +45,7 @@ for _path in (str(TOOLS), str(REPO)):
   if _path not in sys.path:
     sys.path.insert(0, _path)
 import dmd_reference  # noqa: E402  pylint: disable=wrong-import-position
+from dhmd_jax import host  # noqa: E402  pylint: disable=wrong-import-position
 import make_dmd_fixture  # noqa: E402  pylint: disable=wrong-import-position
 
 PROG = "compare_with_dmd.py"
@@ -168,13 +169,8 @@ def git_version():
 
 
 def machine():
-  cpu = platform.processor() or platform.machine()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      cpu = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), cpu)
-  except OSError:
-    pass
-  return f"{cpu}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+  return (f"{host.cpu_model()}, {os.cpu_count()} CPUs, {platform.system()} "
+          f"{platform.release()}")
 
 
 def header(opts, argv, versions):
