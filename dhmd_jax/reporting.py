@@ -273,9 +273,42 @@ def markdown_report(results):
     lines += ["", "One seed: no mean ± std over seeds (train several with train.seeds).", ""]
   lines.append("Accuracies and F1 in %, MAE and Corr raw. "
                f"Wall time {results['wall_time_s']:.1f} s{_timing_note(results)}.")
-  if results.get("computed_as"):
+  parts = results.get("computed_as_by_epochs") or []
+  if len(parts) > 1:  # resumed elsewhere: say where each stretch of epochs was computed
+    lines += ["", "Computed in parts (the run was resumed in another setting):"]
+    for part in parts:
+      first, last = part["epochs"]
+      where = ("not recorded" if part["computed_as"] is None else
+               _lower_first(_computed_as_note(part["computed_as"])))
+      lines.append(f"- epochs {first}-{last}: {where}")
+    lines.append(f"- the report: {_lower_first(_computed_as_note(results['computed_as']))}")
+  elif results.get("computed_as"):
     lines += ["", _computed_as_note(results["computed_as"])]
   return "\n".join(lines) + "\n"
+
+
+def _lower_first(text):
+  return text[:1].lower() + text[1:]
+
+
+def computed_as_by_epochs(records):
+  """[{"epochs": [first, last], "computed_as": how}] from metrics.jsonl's epoch records: runs of
+  successive epochs computed the same way (their "computed_as"; None where a record has none,
+  as those of earlier versions), in epoch order. One entry for a run computed in one setting,
+  however often it was resumed."""
+  by_epoch = {}
+  for record in records:
+    if "epoch" in record:
+      by_epoch[int(record["epoch"])] = record.get("computed_as")
+  parts = []
+  for epoch in sorted(by_epoch):
+    how = by_epoch[epoch]
+    if parts and parts[-1]["computed_as"] == how:  # (an epoch whose record a kill cut short
+      # is missing: the epochs around it were computed alike, so it does not split the run)
+      parts[-1]["epochs"][1] = epoch
+    else:
+      parts.append({"epochs": [epoch, epoch], "computed_as": how})
+  return parts
 
 
 def _computed_as_note(how):

@@ -544,9 +544,11 @@ def computed_as(config):
           "host_cpu": host.cpu_model(), "host_cpus": host.cpus(), **auto.resolve(config)}
 
 
-def _final_report(run, progress, start_time, timing):
+def _final_report(run, progress, start_time, timing, *, how, log):
   """Tests the selected model of every seed; writes results.json/.md and the predictions.
-  `timing`: seconds of this invocation by phase (setup, train, evaluate, checkpoint)."""
+  `timing`: seconds of this invocation by phase (setup, train, evaluate, checkpoint); `how`:
+  this invocation's `computed_as`; `log`: the MetricsLog (process 0), whose epoch records say
+  how each epoch was computed."""
   report_start = time.time()
   config = run.config
   task = config.dataset.task
@@ -565,13 +567,14 @@ def _final_report(run, progress, start_time, timing):
       "test_summary": reporting.summarize_seeds(test),
       "wall_time_s": time.time() - start_time,
       "timing_s": {**timing, "report": time.time() - report_start},
-      "computed_as": computed_as(config),
+      "computed_as": how,
   }
   if run.swept is not None:  # a loss-weight sweep: each run's weights and name
     results["loss_weights"] = _host_weights(run)
     results["runs"] = run.run_names
   if not distributed.is_primary():  # several processes: process 0 writes the report
     return results
+  results["computed_as_by_epochs"] = reporting.computed_as_by_epochs(log.read())
   reporting.write_predictions(
       os.path.join(run.workdir, "predictions_test.csv"), run.dataset.splits["test"].ids,
       run.labels["test"], metrics_lib.point_predictions(task, best_test_preds), run.run_names)
@@ -635,6 +638,7 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
       # before the first epoch: reading the data, restoring or initialising, compiling the init.
       timing = {"setup": time.time() - start_time, "train": 0.0, "evaluate": 0.0,
                 "checkpoint": 0.0}
+      how = computed_as(config)  # recorded with every epoch: a resumed run may move
       # ------------------------------------------------------------- epochs
       for epoch in range(progress.epoch + 1, num_epochs + 1):
         if not progress.sched["active"].any():
@@ -647,7 +651,7 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
         timing["train"] += record["timing_s"]["train"]
         timing["evaluate"] += record["timing_s"]["evaluate"]
         if log is not None:
-          log.write(record)
+          log.write({**record, "computed_as": how})
         tb.write(epoch, _tensorboard_scalars(record, run.run_names))
         bar.end_line()
         _LOG.info("%s", reporting.epoch_line(
@@ -666,7 +670,7 @@ def train_and_evaluate(config, workdir, *, loss_weights=None):
       ckpt.wait()
       timing["checkpoint"] += time.time() - save_start
       # ------------------------------------------------------------- report
-      return _final_report(run, progress, start_time, timing)
+      return _final_report(run, progress, start_time, timing, how=how, log=log)
     except BaseException:
       if created and not committed and primary:  # nothing worth keeping: leave no half-made
         # workdir (with several processes, process 0 alone removes it)

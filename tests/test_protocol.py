@@ -116,6 +116,36 @@ def test_the_trainer_computes_seeds_as_the_config_says_and_its_report_says_so(tm
 # ----------------------------------------------------------------------------- resume
 
 
+def test_a_run_resumed_on_another_cpu_says_which_epochs_were_computed_where(tmp_path,
+                                                                              monkeypatch):
+  """Each epoch record carries how it was computed; resumed in the same setting the run is one
+  stretch (as an uninterrupted run), resumed on another CPU the report lists both."""
+  monkeypatch.setattr(train_lib, "build", fake_model.fake_build)
+  workdir = str(tmp_path / "run")
+  for epochs in (1, 2):  # the second invocation resumes after epoch 1, here
+    config = _short_config()
+    config.train.num_epochs = epochs
+    results = train_lib.train_and_evaluate(config, workdir)
+  here = results["computed_as"]
+  assert results["computed_as_by_epochs"] == [{"epochs": [1, 2], "computed_as": here}]
+  assert "Computed in parts" not in (tmp_path / "run" / "results.md").read_text()
+  monkeypatch.setattr(host, "cpu_model", lambda: "Another CPU")
+  config = _short_config()
+  config.train.num_epochs = 3
+  results = train_lib.train_and_evaluate(config, workdir)
+  there = {**here, "host_cpu": "Another CPU"}
+  assert results["computed_as"] == there
+  with open(os.path.join(workdir, "results.json")) as f:
+    assert json.load(f)["computed_as_by_epochs"] == [
+        {"epochs": [1, 2], "computed_as": here}, {"epochs": [3, 3], "computed_as": there}]
+  report = (tmp_path / "run" / "results.md").read_text()
+  assert ("\n\nComputed in parts (the run was resumed in another setting):\n- epochs 1-2: "
+          f"computed on cpu (1 device, cpu, jax {jax.__version__}; host {here['host_cpu']},"
+          in report)
+  assert "\n- epochs 3-3: computed on cpu (1 device, cpu, jax " in report
+  assert "; host Another CPU, " in report and "\n- the report: computed on cpu" in report
+
+
 def _short_config():
   config = fake_model.fake_config()
   config.train.seeds = (1111,)

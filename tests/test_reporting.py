@@ -128,3 +128,21 @@ def test_the_closing_line_names_the_host_and_reads_reports_written_before_it_was
   assert reporting._computed_as_note(how) == (  # pylint: disable=protected-access
       "Computed on cpu (1 device, cpu, jax 0.10.2; host AMD EPYC 7B13, 1 CPU): "
       "train.accumulate scan, model.remat False.")
+
+
+def test_epochs_are_grouped_by_how_they_were_computed():
+  a, b = {"backend": "cpu", "host_cpu": "A"}, {"backend": "cpu", "host_cpu": "B"}
+  records = [{"epoch": 1, "computed_as": a}, {"epoch": 2, "computed_as": a},
+             {"epoch": 3, "computed_as": b}, {"epoch": 4, "computed_as": a}]
+  assert reporting.computed_as_by_epochs(records) == [
+      {"epochs": [1, 2], "computed_as": a}, {"epochs": [3, 3], "computed_as": b},
+      {"epochs": [4, 4], "computed_as": a}]
+  # Records of earlier versions say nothing; a record written twice counts once (the last).
+  old = [{"epoch": 1}, {"epoch": 2}, {"epoch": 3, "computed_as": b}, {"epoch": 3, "computed_as": a}]
+  assert reporting.computed_as_by_epochs(old) == [
+      {"epochs": [1, 2], "computed_as": None}, {"epochs": [3, 3], "computed_as": a}]
+  # An epoch whose record was lost (a line cut short by a kill) does not split a stretch.
+  assert reporting.computed_as_by_epochs([{"epoch": 1, "computed_as": a},
+                                          {"epoch": 3, "computed_as": a}]) == [
+      {"epochs": [1, 3], "computed_as": a}]
+  assert reporting.computed_as_by_epochs([]) == []
