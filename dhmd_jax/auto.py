@@ -22,18 +22,21 @@ def _on_cpu():
   return jax.default_backend() == "cpu"
 
 
-def accumulate(mode: str) -> str:
-  """`train.accumulate`: "scan" or "vmap"."""
+def _one_after_another_on_cpu(mode: str) -> str:
+  """"scan" on a CPU, "vmap" elsewhere, for "auto"; any other mode as it is."""
   if mode != "auto":
     return mode
   return "scan" if _on_cpu() else "vmap"
+
+
+def accumulate(mode: str) -> str:
+  """`train.accumulate`: "scan" or "vmap"."""
+  return _one_after_another_on_cpu(mode)
 
 
 def seed_compute(mode: str) -> str:
   """`train.seed_compute`: "scan" or "vmap"."""
-  if mode != "auto":
-    return mode
-  return "scan" if _on_cpu() else "vmap"
+  return _one_after_another_on_cpu(mode)
 
 
 def remat(value, train=None) -> bool:

@@ -279,16 +279,12 @@ def markdown_report(results):
     for part in parts:
       first, last = part["epochs"]
       where = ("not recorded" if part["computed_as"] is None else
-               _lower_first(_computed_as_note(part["computed_as"])))
+               f"computed on {_computed_as_note(part['computed_as'])}")
       lines.append(f"- epochs {first}-{last}: {where}")
-    lines.append(f"- the report: {_lower_first(_computed_as_note(results['computed_as']))}")
+    lines.append(f"- the report: computed on {_computed_as_note(results['computed_as'])}")
   elif results.get("computed_as"):
-    lines += ["", _computed_as_note(results["computed_as"])]
+    lines += ["", f"Computed on {_computed_as_note(results['computed_as'])}"]
   return "\n".join(lines) + "\n"
-
-
-def _lower_first(text):
-  return text[:1].lower() + text[1:]
 
 
 def computed_as_by_epochs(records):
@@ -312,17 +308,17 @@ def computed_as_by_epochs(records):
 
 
 def _computed_as_note(how):
-  """"Computed on cpu (1 device, cpu, jax 0.10.2; host Intel Xeon, 2 CPUs): train.accumulate
-  scan, ..." from results["computed_as"] (reports written before the host was recorded have no
-  host part)."""
+  """"cpu (1 device, cpu, jax 0.10.2; host Intel Xeon, 2 CPUs): train.accumulate scan, ..."
+  (what follows "Computed on") from results["computed_as"] (reports written before the host
+  was recorded have no host part)."""
   switches = ", ".join(f"{k} {v}" for k, v in how.items() if "." in k)
   devices = f"{how['devices']} device{'s' if how['devices'] != 1 else ''}"
   where = ""
   if "host_cpu" in how:
     cpus = how["host_cpus"]
     where = f"; host {how['host_cpu']}, {cpus} CPU{'s' if cpus != 1 else ''}"
-  return (f"Computed on {how['backend']} ({devices}, {how['device_kind']}, jax {how['jax']}"
-          f"{where}): {switches}.")
+  return (f"{how['backend']} ({devices}, {how['device_kind']}, jax {how['jax']}{where}): "
+          f"{switches}.")
 
 
 def _timing_note(results):

@@ -123,10 +123,10 @@ def test_the_closing_line_names_the_host_and_reads_reports_written_before_it_was
   how = {"backend": "cpu", "devices": 1, "device_kind": "cpu", "jax": "0.10.2",
          "train.accumulate": "scan", "model.remat": False}
   assert reporting._computed_as_note(how) == (  # pylint: disable=protected-access
-      "Computed on cpu (1 device, cpu, jax 0.10.2): train.accumulate scan, model.remat False.")
+      "cpu (1 device, cpu, jax 0.10.2): train.accumulate scan, model.remat False.")
   how.update(host_cpu="AMD EPYC 7B13", host_cpus=1)
   assert reporting._computed_as_note(how) == (  # pylint: disable=protected-access
-      "Computed on cpu (1 device, cpu, jax 0.10.2; host AMD EPYC 7B13, 1 CPU): "
+      "cpu (1 device, cpu, jax 0.10.2; host AMD EPYC 7B13, 1 CPU): "
       "train.accumulate scan, model.remat False.")
 
 
